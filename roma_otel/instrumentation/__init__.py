@@ -1,0 +1,95 @@
+"""``RomaInstrumentor``: the entry point ``opentelemetry-instrument`` loads, and the one-call API.
+
+``instrument(tracer_provider=..., meter_provider=..., config=...)`` builds the tracer and every
+instrument once, then patches DSPy (modules, LMs, tools, the parallel executor), toolkit classes and
+ROMA when present. ``uninstrument()`` restores every original, in reverse order.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Collection
+from typing import Any
+
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
+
+from roma_otel import telemetry
+from roma_otel.config import RomaOtelConfig, load_config
+from roma_otel.instrumentation.patching import Patcher
+from roma_otel.package import _instruments
+
+__all__ = ["RomaInstrumentor"]
+
+logger = logging.getLogger("roma_otel")
+
+
+class RomaInstrumentor(BaseInstrumentor):  # type: ignore[misc]
+    """Instruments DSPy programs and ROMA agents. A singleton, as every ``BaseInstrumentor``."""
+
+    _lock = threading.Lock()
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        return _instruments
+
+    @property
+    def prometheus_endpoint(self) -> Any:
+        """The endpoint roma-otel started (``observability.prometheus.enabled``), or None."""
+        return getattr(self, "_endpoint", None)
+
+    @property
+    def telemetry(self) -> telemetry.Telemetry | None:
+        return telemetry.ACTIVE
+
+    def _instrument(self, **kwargs: Any) -> None:
+        config = kwargs.get("config")
+        if config is None:
+            config = load_config()
+        elif not isinstance(config, RomaOtelConfig):
+            raise TypeError(f"config must be a roma_otel.config.RomaOtelConfig, got {type(config).__name__}")
+
+        meter_provider = kwargs.get("meter_provider")
+        self._endpoint = None
+        prom = config.observability.prometheus
+        if prom.enabled and meter_provider is None:
+            from roma_otel.exporters.prometheus import start_prometheus_endpoint
+
+            self._endpoint = start_prometheus_endpoint(prom.host, prom.port)
+            meter_provider = self._endpoint.meter_provider
+
+        tel = telemetry.Telemetry(config, kwargs.get("tracer_provider"), meter_provider)
+        patcher = Patcher()
+        try:
+            from roma_otel.instrumentation.lm import instrument_lm
+            from roma_otel.instrumentation.modules import instrument_modules
+            from roma_otel.instrumentation.roma import instrument_roma
+            from roma_otel.instrumentation.threads import instrument_threads
+            from roma_otel.instrumentation.tools import instrument_tools
+
+            instrument_modules(patcher)
+            instrument_lm(patcher)
+            instrument_threads(patcher)
+            instrument_tools(patcher, config.observability.toolkit_metrics.toolkit_base_classes)
+            instrument_roma(patcher)
+        except Exception:
+            patcher.restore_all()
+            if self._endpoint is not None:
+                self._endpoint.shutdown()
+                self._endpoint = None
+            raise
+        self._patcher = patcher
+        telemetry.ACTIVE = tel
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        from roma_otel.instrumentation.tools import uninstrument_tools
+
+        telemetry.ACTIVE = None
+        uninstrument_tools()
+        patcher: Patcher | None = getattr(self, "_patcher", None)
+        if patcher is not None:
+            patcher.restore_all()
+            self._patcher = None
+        endpoint = getattr(self, "_endpoint", None)
+        if endpoint is not None:
+            endpoint.shutdown()
+            self._endpoint = None

@@ -1,0 +1,263 @@
+"""GenAI spans and usage metrics for DSPy LM calls (``BaseLM.__call__`` / ``acall``).
+
+The span wraps the public call; the numbers come from DSPy's own ``CallResult``, caught where
+``dspy.clients.execution.finalize`` receives it: usage, the provider's cost and the cache-hit flag
+exactly as DSPy saw them, without reading ``lm.history`` (which threads share and users can disable).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from contextvars import ContextVar
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.instrumentation.utils import is_instrumentation_enabled
+from opentelemetry.trace import SpanKind
+
+from roma_otel import semconv as sc
+from roma_otel import telemetry
+from roma_otel.context import _EXECUTION, _TASK
+from roma_otel.cost import compute_cost
+from roma_otel.instrumentation.modules import current_module_label
+from roma_otel.instrumentation.patching import Patcher
+from roma_otel.telemetry import Telemetry, mark_error
+
+__all__ = ["instrument_lm"]
+
+
+class _Call:
+    """One LM call in flight; ``finalize`` fills ``result``."""
+
+    __slots__ = ("lm", "result")
+
+    def __init__(self, lm: Any) -> None:
+        self.lm = lm
+        self.result: Any = None
+
+
+_CALL: ContextVar[_Call | None] = ContextVar("roma_otel_lm_call", default=None)
+
+# model string -> (operation-independent) provider, request model
+_MODEL_INFO: dict[str, tuple[str, str]] = {}
+
+
+def _model_info(model: str) -> tuple[str, str]:
+    info = _MODEL_INFO.get(model)
+    if info is None:
+        provider, sep, name = model.partition("/")
+        info = (provider, name) if sep else ("openai", model)
+        if len(_MODEL_INFO) < 4096:
+            _MODEL_INFO[model] = info
+    return info
+
+
+def _operation(lm: Any) -> str:
+    return sc.OP_TEXT_COMPLETION if getattr(lm, "model_type", "chat") == "text" else sc.OP_CHAT
+
+
+def _enter(tel: Telemetry, lm: Any, kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    model = str(getattr(lm, "model", None) or type(lm).__name__)
+    provider, request_model = _model_info(model)
+    op = _operation(lm)
+    call = _Call(lm)
+    call_token = _CALL.set(call)
+    span = None
+    otel_token = None
+    if not tel.skip_span():
+        ctx = _EXECUTION.get()
+        task = _TASK.get()
+        attrs: dict[str, Any] = {
+            sc.GEN_AI_OPERATION_NAME: op,
+            sc.GEN_AI_PROVIDER_NAME: provider,
+            sc.GEN_AI_REQUEST_MODEL: request_model,
+            sc.MODULE: current_module_label(),
+            sc.TASK_DEPTH: task.depth if task is not None else 0,
+        }
+        if ctx is not None:
+            attrs[sc.EXECUTION_ID] = ctx.execution_id
+        if task is not None and task.task_id is not None:
+            attrs[sc.TASK_ID] = task.task_id
+        lm_kwargs = getattr(lm, "kwargs", None) or {}
+        temperature = kwargs.get("temperature", lm_kwargs.get("temperature"))
+        if isinstance(temperature, int | float):
+            attrs[sc.GEN_AI_REQUEST_TEMPERATURE] = float(temperature)
+        max_tokens = kwargs.get("max_tokens", lm_kwargs.get("max_tokens"))
+        if isinstance(max_tokens, int):
+            attrs[sc.GEN_AI_REQUEST_MAX_TOKENS] = max_tokens
+        span = tel.tracer.start_span(f"{op} {request_model}", kind=SpanKind.CLIENT, attributes=attrs)
+        otel_token = otel_context.attach(trace.set_span_in_context(span))
+    return call_token, call, span, otel_token, model, provider, request_model, op, time.perf_counter()
+
+
+def _tokens(usage: dict[str, Any], key: str) -> int | None:
+    value = usage.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _exit(
+    tel: Telemetry, state: tuple[Any, ...], exc: BaseException | None, messages: Any, outputs: Any
+) -> None:
+    call_token, call, span, otel_token, model, provider, request_model, op, start = state
+    try:
+        latency_s = time.perf_counter() - start
+        latency_ms = latency_s * 1000.0
+        module = current_module_label()
+        result = call.result
+        error_type = mark_error(span, exc) if exc is not None else None
+
+        cache_hit = bool(getattr(result, "cache_hit", False)) if result is not None else False
+        usage = getattr(result, "usage", None) or {}
+        input_tokens = _tokens(usage, "prompt_tokens")
+        output_tokens = _tokens(usage, "completion_tokens")
+        response_model = getattr(result, "response_model", None) if result is not None else None
+        if result is not None:
+            # OpenRouter reports its pass-through price in usage.cost; litellm in response_cost.
+            provider_cost = usage.get("cost")
+            if provider_cost is None:
+                provider_cost = getattr(result, "cost", None)
+            cost = compute_cost(
+                model, input_tokens, output_tokens, provider_cost=provider_cost, cache_hit=cache_hit
+            )
+        else:
+            cost = None
+        in_tok = input_tokens or 0
+        out_tok = output_tokens or 0
+
+        if span is not None and span.is_recording():
+            attrs: dict[str, Any] = {sc.LM_CACHE_HIT: cache_hit, sc.LM_LATENCY_MS: latency_ms}
+            if input_tokens is not None:
+                attrs[sc.GEN_AI_USAGE_INPUT_TOKENS] = input_tokens
+            if output_tokens is not None:
+                attrs[sc.GEN_AI_USAGE_OUTPUT_TOKENS] = output_tokens
+            if input_tokens is not None or output_tokens is not None:
+                attrs[sc.LM_TOTAL_TOKENS] = in_tok + out_tok
+            if response_model:
+                attrs[sc.GEN_AI_RESPONSE_MODEL] = str(response_model)
+            if cost is not None:
+                attrs[sc.LM_COST_SOURCE] = cost.source
+                if cost.usd is not None:
+                    attrs[sc.LM_COST_USD] = cost.usd
+            if tel.redactor is not None:
+                attrs[sc.GEN_AI_INPUT_MESSAGES] = tel.redactor.render(messages)
+                if exc is None:
+                    attrs[sc.GEN_AI_OUTPUT_MESSAGES] = tel.redactor.render(outputs)
+            span.set_attributes(attrs)
+
+        labels = {sc.L_MODULE: module, sc.L_MODEL: model}
+        tel.lm_calls.add(1, {sc.L_MODULE: module, sc.L_MODEL: model, sc.L_CACHE_HIT: str(cache_hit).lower()})
+        tel.lm_latency.record(latency_ms, labels)
+        genai = {
+            sc.GEN_AI_OPERATION_NAME: op,
+            sc.GEN_AI_PROVIDER_NAME: provider,
+            sc.GEN_AI_REQUEST_MODEL: request_model,
+        }
+        if response_model:
+            genai[sc.GEN_AI_RESPONSE_MODEL] = str(response_model)
+        if result is not None and not cache_hit:
+            # A cache hit spent no tokens: it must not show up as usage.
+            if input_tokens is not None:
+                tel.lm_tokens.add(input_tokens, {**labels, sc.L_TOKEN_TYPE: sc.TOKEN_TYPE_INPUT})
+                tel.genai_tokens.record(input_tokens, {**genai, sc.GEN_AI_TOKEN_TYPE: sc.TOKEN_TYPE_INPUT})
+            if output_tokens is not None:
+                tel.lm_tokens.add(output_tokens, {**labels, sc.L_TOKEN_TYPE: sc.TOKEN_TYPE_OUTPUT})
+                tel.genai_tokens.record(output_tokens, {**genai, sc.GEN_AI_TOKEN_TYPE: sc.TOKEN_TYPE_OUTPUT})
+        if cost is not None:
+            if cost.usd is None:
+                tel.lm_cost_unknown.add(1, labels)
+            elif cost.usd:
+                tel.lm_cost.add(cost.usd, labels)
+        if error_type is not None:
+            genai[sc.ERROR_TYPE] = error_type
+        tel.genai_duration.record(latency_s, genai)
+
+        ctx = _EXECUTION.get()
+        if ctx is not None and result is not None:
+            ctx.add_lm_call(
+                module, 0 if cache_hit else in_tok, 0 if cache_hit else out_tok,
+                cost.usd if cost is not None else None, latency_ms,
+            )  # fmt: skip
+        if span is not None:
+            span.end()
+    except Exception as err:
+        tel.internal_error("lm.exit", err)
+    finally:
+        if otel_token is not None:
+            otel_context.detach(otel_token)
+        _CALL.reset(call_token)
+
+
+def _messages(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    messages = kwargs.get("messages")
+    if messages is None:
+        messages = kwargs.get("prompt", args[0] if args else None)
+    return messages
+
+
+def _sync_call(original: Any) -> Any:
+    @functools.wraps(original)
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        tel = telemetry.ACTIVE
+        if tel is None or not is_instrumentation_enabled():
+            return original(self, *args, **kwargs)
+        try:
+            state = _enter(tel, self, kwargs)
+        except Exception as err:
+            tel.internal_error("lm.enter", err)
+            return original(self, *args, **kwargs)
+        try:
+            outputs = original(self, *args, **kwargs)
+        except BaseException as exc:
+            _exit(tel, state, exc, _messages(args, kwargs), None)
+            raise
+        _exit(tel, state, None, _messages(args, kwargs), outputs)
+        return outputs
+
+    return __call__
+
+
+def _async_call(original: Any) -> Any:
+    @functools.wraps(original)
+    async def acall(self: Any, *args: Any, **kwargs: Any) -> Any:
+        tel = telemetry.ACTIVE
+        if tel is None or not is_instrumentation_enabled():
+            return await original(self, *args, **kwargs)
+        try:
+            state = _enter(tel, self, kwargs)
+        except Exception as err:
+            tel.internal_error("lm.enter", err)
+            return await original(self, *args, **kwargs)
+        try:
+            outputs = await original(self, *args, **kwargs)
+        except BaseException as exc:
+            _exit(tel, state, exc, _messages(args, kwargs), None)
+            raise
+        _exit(tel, state, None, _messages(args, kwargs), outputs)
+        return outputs
+
+    return acall
+
+
+def _finalize_wrapper(original: Any) -> Any:
+    @functools.wraps(original)
+    def finalize(lm: Any, call: Any, result: Any) -> Any:
+        pending = _CALL.get()
+        if pending is not None and pending.lm is lm and pending.result is None:
+            pending.result = result
+        return original(lm, call, result)
+
+    return finalize
+
+
+def instrument_lm(patcher: Patcher) -> None:
+    from dspy.clients import base_lm, execution
+
+    patcher.wrap_function(base_lm.BaseLM, "__call__", _sync_call)
+    patcher.wrap_function(base_lm.BaseLM, "acall", _async_call)
+    # BaseLM.__call__ imports finalize from the module at call time, so patching the module works.
+    original = execution.finalize
+    wrapper = _finalize_wrapper(original)
+    wrapper._roma_otel_original = original  # type: ignore[attr-defined]
+    patcher.replace(execution, "finalize", wrapper)

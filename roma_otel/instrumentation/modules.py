@@ -1,0 +1,190 @@
+"""Spans for DSPy module calls: one per call, however the module is entered.
+
+``forward``/``aforward`` are wrapped on ``dspy.Module`` and every subclass (existing ones at
+``instrument()``, later ones through ``__init_subclass__``), because ROMA's ``BaseModule.__call__`` and
+its runtime call ``forward``/``aforward`` directly and never reach ``Module.__call__``. A call nested in
+a call on the same instance (``__call__`` -> ``forward``, ``super().forward()``) makes no second span.
+"""
+
+from __future__ import annotations
+
+import functools
+from contextvars import ContextVar
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.instrumentation.utils import is_instrumentation_enabled
+from opentelemetry.trace import SpanKind
+
+from roma_otel import semconv as sc
+from roma_otel import telemetry
+from roma_otel.context import _EXECUTION, _TASK, ExecutionContext
+from roma_otel.instrumentation.executions import execution_attributes, finish_execution, new_id
+from roma_otel.instrumentation.patching import Patcher, all_subclasses, install_subclass_hook
+from roma_otel.telemetry import Telemetry, mark_error
+
+__all__ = ["UNATTRIBUTED", "ModuleFrame", "current_module_label", "instrument_modules"]
+
+UNATTRIBUTED = "unattributed"
+_METHODS = ("forward", "aforward")
+
+
+class ModuleFrame:
+    """The innermost module call: its instance (for de-duplication) and the label LM usage goes to."""
+
+    __slots__ = ("instance", "label", "role")
+
+    def __init__(self, instance: Any, label: str, role: bool) -> None:
+        self.instance = instance
+        self.label = label
+        self.role = role
+
+
+_MODULE: ContextVar[ModuleFrame | None] = ContextVar("roma_otel_module", default=None)
+
+# class -> (own label, qualified name, has a ROMA role, defined inside dspy)
+_CLASS_INFO: dict[type, tuple[str, str, bool, bool]] = {}
+
+
+def class_info(cls: type) -> tuple[str, str, bool, bool]:
+    info = _CLASS_INFO.get(cls)
+    if info is None:
+        role = next((c.__name__.lower() for c in cls.__mro__ if c.__name__.lower() in sc.ROLES), None)
+        info = (
+            role or cls.__name__,
+            f"{cls.__module__}.{cls.__qualname__}",
+            role is not None,
+            cls.__module__.startswith("dspy."),
+        )
+        _CLASS_INFO[cls] = info
+    return info
+
+
+def current_module_label() -> str:
+    frame = _MODULE.get()
+    return frame.label if frame is not None else UNATTRIBUTED
+
+
+def _enter(tel: Telemetry, instance: Any, parent: ModuleFrame | None) -> tuple[Any, ...]:
+    own, qualname, has_role, builtin = class_info(type(instance))
+    # LM usage goes to the nearest ROMA role, else to the program's own module rather than to the
+    # DSPy building block (Predict, ChainOfThought) it happens to run through.
+    if has_role or parent is None or not (builtin or parent.role):
+        frame = ModuleFrame(instance, own, has_role)
+    else:
+        frame = ModuleFrame(instance, parent.label, parent.role)
+    module_token = _MODULE.set(frame)
+
+    ctx = _EXECUTION.get()
+    exec_token = None
+    if ctx is None:
+        ctx = ExecutionContext(
+            new_id(), task=type(instance).__name__, implicit=True, config_version=tel.config.config_version
+        )
+        exec_token = _EXECUTION.set(ctx)
+
+    span = None
+    otel_token = None
+    if exec_token is not None or not tel.skip_span():
+        task = _TASK.get()
+        attrs: dict[str, Any] = {
+            sc.MODULE: own,
+            sc.MODULE_CLASS: qualname,
+            sc.EXECUTION_ID: ctx.execution_id,
+            sc.TASK_DEPTH: task.depth if task is not None else 0,
+        }
+        if task is not None and task.task_id is not None:
+            attrs[sc.TASK_ID] = task.task_id
+        if exec_token is not None:
+            attrs.update(execution_attributes(ctx))
+        span = tel.tracer.start_span(type(instance).__name__, kind=SpanKind.INTERNAL, attributes=attrs)
+        otel_token = otel_context.attach(trace.set_span_in_context(span))
+    return module_token, exec_token, ctx, span, otel_token
+
+
+def _exit(tel: Telemetry, state: tuple[Any, ...], exc: BaseException | None) -> None:
+    module_token, exec_token, ctx, span, otel_token = state
+    try:
+        if span is not None and exc is not None:
+            mark_error(span, exc)
+        if exec_token is not None:
+            finish_execution(tel, ctx, span, exc is not None)
+        if span is not None:
+            span.end()
+    except Exception as err:
+        tel.internal_error("module.exit", err)
+    finally:
+        if otel_token is not None:
+            otel_context.detach(otel_token)
+        if exec_token is not None:
+            _EXECUTION.reset(exec_token)
+        _MODULE.reset(module_token)
+
+
+def _sync_wrapper(original: Any) -> Any:
+    @functools.wraps(original)
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        tel = telemetry.ACTIVE
+        parent = _MODULE.get()
+        if (
+            tel is None
+            or (parent is not None and parent.instance is self)
+            or not is_instrumentation_enabled()
+        ):
+            return original(self, *args, **kwargs)
+        try:
+            state = _enter(tel, self, parent)
+        except Exception as err:
+            tel.internal_error("module.enter", err)
+            return original(self, *args, **kwargs)
+        try:
+            result = original(self, *args, **kwargs)
+        except BaseException as exc:
+            _exit(tel, state, exc)
+            raise
+        _exit(tel, state, None)
+        return result
+
+    return forward
+
+
+def _async_wrapper(original: Any) -> Any:
+    @functools.wraps(original)
+    async def aforward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        tel = telemetry.ACTIVE
+        parent = _MODULE.get()
+        if (
+            tel is None
+            or (parent is not None and parent.instance is self)
+            or not is_instrumentation_enabled()
+        ):
+            return await original(self, *args, **kwargs)
+        try:
+            state = _enter(tel, self, parent)
+        except Exception as err:
+            tel.internal_error("module.enter", err)
+            return await original(self, *args, **kwargs)
+        try:
+            result = await original(self, *args, **kwargs)
+        except BaseException as exc:
+            _exit(tel, state, exc)
+            raise
+        _exit(tel, state, None)
+        return result
+
+    return aforward
+
+
+def _wrap_class(patcher: Patcher, cls: type) -> None:
+    patcher.wrap_function(cls, "forward", _sync_wrapper)
+    patcher.wrap_function(cls, "aforward", _async_wrapper)
+
+
+def instrument_modules(patcher: Patcher) -> None:
+    import dspy
+
+    base = dspy.Module
+    for cls in (base, *all_subclasses(base)):
+        _wrap_class(patcher, cls)
+    install_subclass_hook(patcher, base, lambda cls: _wrap_class(patcher, cls))

@@ -1,0 +1,100 @@
+"""Record every attribute roma-otel replaces on a class or module, so uninstrument restores it exactly.
+
+Wrappers are plain functions made with ``functools.wraps`` (cheaper per call than wrapt proxies) and
+carry ``_roma_otel_original``; restoring puts back the class's own ``__dict__`` entry, or deletes ours
+when the class had none, leaving no ``__wrapped__`` behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+logger = logging.getLogger("roma_otel")
+
+_MISSING = object()
+ORIGINAL_ATTR = "_roma_otel_original"
+
+
+def is_patched(func: Any) -> bool:
+    return getattr(func, ORIGINAL_ATTR, None) is not None
+
+
+class Patcher:
+    """Replaces attributes and remembers what was there; thread-safe (subclass hooks fire anywhere)."""
+
+    def __init__(self) -> None:
+        self._patches: list[tuple[Any, str, Any]] = []
+        self._lock = threading.RLock()
+
+    def replace(self, owner: Any, name: str, new: Any) -> None:
+        """Set ``owner.name = new``, remembering the owner's own previous value (or its absence)."""
+        with self._lock:
+            previous = owner.__dict__.get(name, _MISSING) if hasattr(owner, "__dict__") else _MISSING
+            if previous is _MISSING and not isinstance(owner, type):
+                previous = getattr(owner, name, _MISSING)
+            setattr(owner, name, new)
+            self._patches.append((owner, name, previous))
+
+    def wrap_function(self, owner: type, name: str, make_wrapper: Any) -> bool:
+        """Wrap the plain function ``owner.__dict__[name]`` once; False when absent or already ours."""
+        with self._lock:
+            func = owner.__dict__.get(name)
+            if func is None or not callable(func) or isinstance(func, staticmethod | classmethod | type):
+                return False
+            if is_patched(func):
+                return False
+            wrapper = make_wrapper(func)
+            setattr(wrapper, ORIGINAL_ATTR, func)
+            self.replace(owner, name, wrapper)
+            return True
+
+    def restore_all(self) -> None:
+        with self._lock:
+            while self._patches:
+                owner, name, previous = self._patches.pop()
+                try:
+                    if previous is _MISSING:
+                        delattr(owner, name)
+                    else:
+                        setattr(owner, name, previous)
+                except Exception as exc:  # pragma: no cover - a class that refuses attribute writes
+                    logger.warning("roma-otel: could not restore %r.%s: %r", owner, name, exc)
+
+    def __len__(self) -> int:
+        return len(self._patches)
+
+
+def install_subclass_hook(patcher: Patcher, base: type, on_new_subclass: Any) -> None:
+    """Call ``on_new_subclass(cls)`` for every subclass of ``base`` defined from now on.
+
+    Done through ``__init_subclass__`` on ``base`` (restored on uninstrument), which chains to the
+    hook the base already had so the program's own class machinery keeps working.
+    """
+    previous = base.__dict__.get("__init_subclass__")
+
+    def __init_subclass__(cls: type, **kwargs: Any) -> None:
+        if previous is not None:
+            previous.__get__(None, cls)(**kwargs)
+        else:
+            super(base, cls).__init_subclass__(**kwargs)
+        try:
+            on_new_subclass(cls)
+        except Exception as exc:  # never break class creation in the observed program
+            logger.warning("roma-otel: could not instrument subclass %r: %r", cls, exc)
+
+    patcher.replace(base, "__init_subclass__", classmethod(__init_subclass__))
+
+
+def all_subclasses(base: type) -> list[type]:
+    seen: set[type] = set()
+    out: list[type] = []
+    stack = [base]
+    while stack:
+        for sub in stack.pop().__subclasses__():
+            if sub not in seen:
+                seen.add(sub)
+                out.append(sub)
+                stack.append(sub)
+    return out

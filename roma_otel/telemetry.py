@@ -1,0 +1,146 @@
+"""The tracer, every metric instrument, and the recording helpers the wrappers call.
+
+``RomaInstrumentor`` builds one ``Telemetry`` per ``instrument()`` and publishes it as ``ACTIVE``;
+wrappers read ``ACTIVE`` on each call and do nothing when it is None. Instruments are created once
+here, from the names in ``semconv``, so a metric's name, unit and buckets exist in exactly one place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry import metrics, trace
+from opentelemetry.trace import Span, Status, StatusCode
+
+from roma_otel import semconv as sc
+from roma_otel.redaction import Redactor
+from roma_otel.version import __version__
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from roma_otel.config import RomaOtelConfig
+    from roma_otel.context import ExecutionContext
+
+logger = logging.getLogger("roma_otel")
+
+ACTIVE: Telemetry | None = None
+
+_SCHEMA_URL = "https://opentelemetry.io/schemas/1.37.0"
+
+
+def _parent_based(tracer_provider: Any) -> bool:
+    """True when children of a sampled-out span are sampled out too, so we may skip making them."""
+    sampler = getattr(tracer_provider, "sampler", None)
+    if sampler is None:
+        return False
+    from opentelemetry.sdk.trace.sampling import ParentBased
+
+    return isinstance(sampler, ParentBased)
+
+
+class Telemetry:
+    """Holds the tracer, the instruments and the settings the wrappers need on their hot path."""
+
+    def __init__(
+        self,
+        config: RomaOtelConfig,
+        tracer_provider: Any = None,
+        meter_provider: Any = None,
+    ) -> None:
+        self.config = config
+        self.tracer = trace.get_tracer("roma_otel", __version__, tracer_provider, schema_url=_SCHEMA_URL)
+        provider = tracer_provider if tracer_provider is not None else trace.get_tracer_provider()
+        self.parent_based = _parent_based(provider)
+        meter = metrics.get_meter("roma_otel", __version__, meter_provider, schema_url=_SCHEMA_URL)
+
+        tm = config.observability.toolkit_metrics
+        self.toolkit_enabled = tm.enabled
+        self.track_invocations = tm.enabled and tm.track_invocations
+        self.track_lifecycle = tm.enabled and tm.track_lifecycle
+        self.sample_rate = tm.sample_rate
+        cc = config.observability.content_capture
+        self.redactor = Redactor(cc.max_length) if cc.enabled else None
+
+        def counter(spec: tuple[str, str, str]) -> Any:
+            return meter.create_counter(spec[0], unit=spec[1], description=spec[2])
+
+        def histogram(spec: tuple[str, str, str], buckets: tuple[float, ...]) -> Any:
+            return meter.create_histogram(
+                spec[0], unit=spec[1], description=spec[2], explicit_bucket_boundaries_advisory=list(buckets)
+            )
+
+        self.tool_invocations = counter(sc.M_TOOL_INVOCATIONS)
+        self.tool_success = counter(sc.M_TOOL_INVOCATIONS_SUCCESS)
+        self.tool_failed = counter(sc.M_TOOL_INVOCATIONS_FAILED)
+        self.tool_duration = histogram(sc.M_TOOL_DURATION_MS, sc.TOOL_DURATION_MS_BUCKETS)
+        self.lm_calls = counter(sc.M_LM_CALLS)
+        self.lm_tokens = counter(sc.M_LM_TOKENS)
+        self.lm_cost = counter(sc.M_LM_COST_USD)
+        self.lm_cost_unknown = counter(sc.M_LM_COST_UNKNOWN)
+        self.lm_latency = histogram(sc.M_LM_LATENCY_MS, sc.LM_LATENCY_MS_BUCKETS)
+        self.genai_tokens = histogram(sc.M_GENAI_TOKEN_USAGE, sc.GENAI_TOKEN_USAGE_BUCKETS)
+        self.genai_duration = histogram(sc.M_GENAI_OPERATION_DURATION, sc.GENAI_OPERATION_DURATION_BUCKETS)
+        self.executions = counter(sc.M_EXECUTIONS)
+        self.execution_duration = histogram(
+            sc.M_EXECUTION_DURATION_SECONDS, sc.EXECUTION_DURATION_SECONDS_BUCKETS
+        )
+        self.execution_cost = histogram(sc.M_EXECUTION_COST_USD, sc.EXECUTION_COST_USD_BUCKETS)
+        self.tasks = counter(sc.M_TASKS)
+        self.toolkit_events = counter(sc.M_TOOLKIT_LIFECYCLE)
+        self.toolkit_duration = histogram(sc.M_TOOLKIT_LIFECYCLE_DURATION_MS, sc.TOOL_DURATION_MS_BUCKETS)
+        self.internal_errors = counter(sc.M_INSTRUMENTATION_ERRORS)
+        self._logged_errors: set[str] = set()
+        # Bridges (MLflow, Postgres) subscribe here to hear about each finished execution.
+        self.execution_listeners: list[Callable[[ExecutionContext], None]] = []
+
+    # --- sampling -------------------------------------------------------------------------------
+    def sample_tool(self) -> bool:
+        rate = self.sample_rate
+        return rate >= 1.0 or (rate > 0.0 and random.random() < rate)
+
+    def skip_span(self) -> bool:
+        """True when the current span is sampled out and a parent-based sampler would drop a child.
+
+        Starting a span just to have it dropped costs microseconds per call; skipping it keeps
+        sampled-out tracing nearly free while metrics still count every call.
+        """
+        if not self.parent_based:
+            return False
+        ctx = trace.get_current_span().get_span_context()
+        return ctx.is_valid and not ctx.trace_flags.sampled
+
+    # --- failures inside roma-otel --------------------------------------------------------------
+    def internal_error(self, where: str, exc: BaseException) -> None:
+        """Log once per site and count; never raise into the observed program."""
+        try:
+            self.internal_errors.add(1, {"where": where})
+            if where not in self._logged_errors:
+                self._logged_errors.add(where)
+                logger.warning("roma-otel: internal error in %s (swallowed): %r", where, exc, exc_info=exc)
+        except Exception:  # pragma: no cover - logging itself failed
+            pass
+
+    # --- content capture ------------------------------------------------------------------------
+    def content(self, value: Any) -> str | None:
+        """Redacted, truncated JSON of ``value`` when content capture is on, else None."""
+        if self.redactor is None:
+            return None
+        return self.redactor.render(value)
+
+
+def mark_error(span: Span | None, exc: BaseException) -> str:
+    """Record an exception on a span the way OTel instrumentations do; return its error.type."""
+    error_type = type(exc).__qualname__
+    if span is not None and span.is_recording():
+        span.set_status(Status(StatusCode.ERROR, str(exc)[:1000]))
+        span.record_exception(exc)
+        span.set_attribute(sc.ERROR_TYPE, error_type)
+    return error_type
+
+
+def to_json(value: Any) -> str:
+    return json.dumps(value, default=str, ensure_ascii=False)
