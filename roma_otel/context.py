@@ -101,6 +101,7 @@ class ExecutionContext:
         "config_version",
         "cost_unknown_calls",
         "end_time",
+        "enriched",
         "execution_id",
         "implicit",
         "lm_calls",
@@ -136,6 +137,7 @@ class ExecutionContext:
         self.solver_type = solver_type
         self.config_version = config_version
         self.implicit = implicit
+        self.enriched = False  # details added after the span started (a solver inside a module call)
         self.metadata = metadata if metadata is not None else {}
         self.start_time = time.time()
         self.start_perf = time.perf_counter()
@@ -202,6 +204,10 @@ class ExecutionContext:
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def has_tasks(self) -> bool:
+        return bool(self._tasks)
 
     def task_counts(self) -> tuple[int, int, int]:
         """(total, completed, failed); an execution with no task scopes counts as one task."""

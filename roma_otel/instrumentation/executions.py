@@ -58,9 +58,10 @@ def finish_execution(tel: Telemetry | None, ctx: ExecutionContext, span: Span | 
     try:
         summary = ctx.summary()
         if span is not None and span.is_recording():
-            span.set_attributes(execution_attributes(ctx))
+            attrs = execution_attributes(ctx) if ctx.enriched else {}
             span.set_attributes(
-                {
+                attrs
+                | {
                     sc.EXECUTION_STATUS: ctx.status,
                     sc.EXECUTION_TOTAL_TASKS: summary["total_tasks"],
                     sc.EXECUTION_COMPLETED_TASKS: summary["completed_tasks"],
@@ -75,10 +76,12 @@ def finish_execution(tel: Telemetry | None, ctx: ExecutionContext, span: Span | 
         tel.executions.add(1, status)
         tel.execution_duration.record(summary["execution_duration"], status)
         tel.execution_cost.record(summary["total_cost"], status)
-        if summary["completed_tasks"]:
-            tel.tasks.add(summary["completed_tasks"], {sc.L_STATUS: "completed"})
-        if summary["failed_tasks"]:
-            tel.tasks.add(summary["failed_tasks"], {sc.L_STATUS: "failed"})
+        # tasks_total counts task-tree nodes; a run with no task scopes has none to count.
+        if ctx.has_tasks:
+            if summary["completed_tasks"]:
+                tel.tasks.add(summary["completed_tasks"], {sc.L_STATUS: "completed"})
+            if summary["failed_tasks"]:
+                tel.tasks.add(summary["failed_tasks"], {sc.L_STATUS: "failed"})
         for listener in tel.execution_listeners:
             try:
                 listener(ctx)
@@ -177,6 +180,7 @@ def _begin(
             ):
                 if value is not None and getattr(active, name) is None:
                     setattr(active, name, value)
+                    active.enriched = True
             if metadata:
                 active.metadata.update(metadata)
         return active, None, None, None

@@ -1,0 +1,133 @@
+"""Shared fixtures: a fresh TracerProvider/MeterProvider with in-memory exporters per test, instrumented.
+
+The stand-in ``roma_dspy`` package (tests/standin) is put on sys.path first, so instrumentation sees
+ROMA's shapes exactly as it would with the real package installed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+STANDIN = Path(__file__).parent / "standin"
+sys.path.insert(0, str(STANDIN))
+
+from opentelemetry.sdk.metrics import MeterProvider  # noqa: E402
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader  # noqa: E402
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider  # noqa: E402
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
+
+from roma_otel import RomaInstrumentor  # noqa: E402
+from roma_otel.config import RomaOtelConfig, default_config  # noqa: E402
+
+
+@dataclass
+class Telemetry:
+    """What a test reads back: finished spans and collected metric points."""
+
+    exporter: InMemorySpanExporter
+    reader: InMemoryMetricReader
+    tracer_provider: TracerProvider
+    meter_provider: MeterProvider
+    instrumentor: RomaInstrumentor
+
+    def spans(self) -> list[ReadableSpan]:
+        return list(self.exporter.get_finished_spans())
+
+    def spans_named(self, name: str) -> list[ReadableSpan]:
+        return [s for s in self.spans() if s.name == name]
+
+    def span(self, name: str) -> ReadableSpan:
+        found = self.spans_named(name)
+        assert len(found) == 1, f"expected one span {name!r}, got {[s.name for s in self.spans()]}"
+        return found[0]
+
+    def parent_of(self, span: ReadableSpan) -> ReadableSpan | None:
+        if span.parent is None:
+            return None
+        for s in self.spans():
+            if s.context.span_id == span.parent.span_id:
+                return s
+        return None
+
+    def metrics(self) -> dict[str, list[Any]]:
+        """Metric name -> data points, from one collection."""
+        out: dict[str, list[Any]] = {}
+        data = self.reader.get_metrics_data()
+        if data is None:
+            return out
+        for rm in data.resource_metrics:
+            for sm in rm.scope_metrics:
+                for metric in sm.metrics:
+                    out.setdefault(metric.name, []).extend(metric.data.data_points)
+        return out
+
+    def metric_sum(self, name: str, **labels: str) -> float:
+        """Sum of a counter's values (or a histogram's counts) over points matching ``labels``."""
+        total = 0.0
+        for point in self.metrics().get(name, []):
+            if all(point.attributes.get(k) == v for k, v in labels.items()):
+                total += point.value if hasattr(point, "value") else point.count
+        return total
+
+
+def make_telemetry(config: RomaOtelConfig | None = None, sampler: Any = None) -> Telemetry:
+    exporter = InMemorySpanExporter()
+    tracer_provider = TracerProvider(sampler=sampler) if sampler is not None else TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    reader = InMemoryMetricReader()
+    meter_provider = MeterProvider(metric_readers=[reader])
+    instrumentor = RomaInstrumentor()
+    instrumentor.instrument(
+        tracer_provider=tracer_provider,
+        meter_provider=meter_provider,
+        config=config or default_config(),
+    )
+    return Telemetry(exporter, reader, tracer_provider, meter_provider, instrumentor)
+
+
+@pytest.fixture
+def make_tel() -> Iterator[Any]:
+    """Factory: instrument with a given config/sampler; uninstruments at teardown."""
+    made: list[Telemetry] = []
+
+    def factory(config: RomaOtelConfig | None = None, sampler: Any = None) -> Telemetry:
+        tel = make_telemetry(config, sampler)
+        made.append(tel)
+        return tel
+
+    yield factory
+    for tel in made:
+        tel.instrumentor.uninstrument()
+        tel.meter_provider.shutdown()
+
+
+@pytest.fixture
+def tel(make_tel: Any) -> Telemetry:
+    """Instrumented with the default config."""
+    return make_tel()
+
+
+@pytest.fixture(autouse=True)
+def _reset_dspy() -> Iterator[None]:
+    import dspy
+
+    yield
+    dspy.configure(lm=None)
+    RomaInstrumentor().uninstrument()
+
+
+def answer_lm(model: str = "openai/gpt-4o-mini", **fields: str) -> Any:
+    """A real ``dspy.LM`` whose litellm call returns a fixed ChatAdapter reply, offline."""
+    import dspy
+
+    body = "".join(f"[[ ## {k} ## ]]\n{v}\n\n" for k, v in fields.items()) + "[[ ## completed ## ]]"
+    return dspy.LM(model, mock_response=body, cache=False)

@@ -1,0 +1,3 @@
+from .execution_context import ExecutionContext
+
+__all__ = ["ExecutionContext"]

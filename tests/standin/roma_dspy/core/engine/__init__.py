@@ -1,0 +1,3 @@
+from .dag import TaskDAG
+
+__all__ = ["TaskDAG"]
