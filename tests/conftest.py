@@ -122,7 +122,9 @@ def _reset_dspy() -> Iterator[None]:
 
     yield
     dspy.configure(lm=None)
-    RomaInstrumentor().uninstrument()
+    instrumentor = RomaInstrumentor()
+    if instrumentor.is_instrumented_by_opentelemetry:
+        instrumentor.uninstrument()
 
 
 def answer_lm(model: str = "openai/gpt-4o-mini", **fields: str) -> Any:

@@ -7,7 +7,6 @@ telemetry) works with no API key, and ``run_demo_agent`` is the one-call entry p
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import json
 import re
@@ -18,22 +17,9 @@ from typing import Any
 
 import dspy
 
+from roma_otel import execution, task
 from roma_otel.demo.offline_lm import ChatPrompt, OfflineLM, field_responder, parse_python_list
 from roma_otel.demo.toolkits import CalculatorToolkit, DocSearchToolkit, tool_methods
-
-try:
-    from roma_otel import execution, task
-except ImportError:  # roma_otel's public scopes are not exported yet: run the demo without spans.
-
-    class _NullScope(contextlib.nullcontext):  # type: ignore[type-arg]
-        """Accepts the real scopes' arguments; usable with both `with` and `async with`."""
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(None)
-
-    execution = _NullScope  # type: ignore[assignment,misc]
-    task = _NullScope  # type: ignore[assignment,misc]
-
 
 __all__ = [
     "DEMO_GOAL",

@@ -15,13 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-try:
-    from roma_otel import toolkit
-except ImportError:  # roma_otel's decorator is not available yet: keep the demo importable.
-
-    def toolkit(cls):  # type: ignore[no-redef]
-        return cls
-
+from roma_otel import toolkit
 
 __all__ = ["CalculatorToolkit", "DocSearchToolkit", "tool_methods"]
 

@@ -79,9 +79,8 @@ def _enter(tel: Telemetry, instance: Any, parent: ModuleFrame | None) -> tuple[A
     ctx = _EXECUTION.get()
     exec_token = None
     if ctx is None:
-        ctx = ExecutionContext(
-            new_id(), task=type(instance).__name__, implicit=True, config_version=tel.config.config_version
-        )
+        # No task text: a solver run inside this call may still supply the goal (see executions._begin).
+        ctx = ExecutionContext(new_id(), implicit=True, config_version=tel.config.config_version)
         exec_token = _EXECUTION.set(ctx)
 
     span = None

@@ -130,6 +130,35 @@ def _wrap_agent_step(original: Any) -> Any:
     return _execute_agent_with_tracing
 
 
+def _adopt_execution_id(execution_id: Any) -> None:
+    """Use ROMA's own execution id for the running execution, so spans, rows and ROMA's logs join."""
+    ctx = _EXECUTION.get()
+    if ctx is None or not execution_id or ctx.metadata.get("roma_execution_id") is not None:
+        return
+    ctx.metadata["roma_execution_id"] = str(execution_id)
+    ctx.execution_id = str(execution_id)
+    ctx.enriched = True  # the execution's span was started with the old id: re-set it at the end
+
+
+def _wrap_context_set(patcher: Patcher, context_cls: type) -> None:
+    raw = context_cls.__dict__.get("set")
+    if not isinstance(raw, classmethod):
+        return
+    func = raw.__func__
+
+    @functools.wraps(func)
+    def set(cls: type, *args: Any, **kwargs: Any) -> Any:
+        result = func(cls, *args, **kwargs)
+        try:
+            _adopt_execution_id(kwargs.get("execution_id", args[0] if args else None))
+        except Exception as exc:
+            logger.debug("roma-otel: could not adopt ROMA's execution id: %r", exc)
+        return result
+
+    set._roma_otel_original = func  # type: ignore[attr-defined]
+    patcher.replace(context_cls, "set", classmethod(set))
+
+
 def _load(module: str, name: str) -> type | None:
     try:
         return getattr(importlib.import_module(module), name)
@@ -150,6 +179,9 @@ def instrument_roma(patcher: Patcher) -> None:
         runtime.__dict__.get("_execute_agent_with_tracing")
     ):
         patcher.wrap_function(runtime, "_execute_agent_with_tracing", _wrap_agent_step)
+    context_cls = _load("roma_dspy.core.context.execution_context", "ExecutionContext")
+    if context_cls is not None:
+        _wrap_context_set(patcher, context_cls)
     manager = _load("roma_dspy.tools.base.manager", "ToolkitManager")
     if manager is not None:
         instrument_toolkit_manager(patcher, manager)

@@ -303,10 +303,15 @@ def _tool_identity(tool: Any) -> tuple[str, str]:
     return toolkit_class, str(getattr(tool, "name", None) or getattr(func, "__name__", "tool"))
 
 
+def _not_traced(func: Any) -> bool:
+    """A toolkit method (its own wrapper makes the span) or DSPy's internal sentinel (ReAct's finish)."""
+    return bool(getattr(func, TOOL_MARK, False)) or str(getattr(func, "__module__", "")).startswith("dspy.")
+
+
 def _dspy_tool_sync(original: Any) -> Any:
     @functools.wraps(original)
     def __call__(self: Any, **kwargs: Any) -> Any:
-        if getattr(self.func, TOOL_MARK, False):  # a toolkit method: its own wrapper makes the span
+        if _not_traced(self.func):
             return original(self, **kwargs)
         toolkit_class, name = _tool_identity(self)
         return _run_sync(original, toolkit_class, name, None, (), kwargs, lambda: original(self, **kwargs))
@@ -317,7 +322,7 @@ def _dspy_tool_sync(original: Any) -> Any:
 def _dspy_tool_async(original: Any) -> Any:
     @functools.wraps(original)
     async def acall(self: Any, **kwargs: Any) -> Any:
-        if getattr(self.func, TOOL_MARK, False):
+        if _not_traced(self.func):
             return await original(self, **kwargs)
         toolkit_class, name = _tool_identity(self)
         return await _run_async(

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtualenv and install roma-otel with everything the demo and the
+# tests need. Idempotent; sourced by demo.sh and test.sh. Set ROMA_OTEL_VENV to use another path.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${ROMA_OTEL_VENV:-$ROOT/.venv}"
+PY="${PYTHON:-python3}"
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[dev]"
+# litellm must never fetch its price map from the internet: use the copy bundled in the package.
+export LITELLM_LOCAL_MODEL_COST_MAP=True
+export PATH="$VENV/bin:$PATH"
