@@ -21,16 +21,16 @@ from typing import Any
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-import dspy  # noqa: E402
-from dspy.utils import DummyLM  # noqa: E402
-from opentelemetry.sdk.metrics import MeterProvider  # noqa: E402
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader  # noqa: E402
-from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult  # noqa: E402
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased  # noqa: E402
+import dspy
+from dspy.utils import DummyLM
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 
-from roma_otel import RomaInstrumentor, execution  # noqa: E402
-from roma_otel.config import default_config  # noqa: E402
+from roma_otel import RomaInstrumentor, execution
+from roma_otel.config import default_config
 
 
 class DiscardingExporter(SpanExporter):
