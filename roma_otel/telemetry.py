@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import random
+import threading
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics, trace
@@ -30,6 +32,49 @@ logger = logging.getLogger("roma_otel")
 ACTIVE: Telemetry | None = None
 
 _SCHEMA_URL = "https://opentelemetry.io/schemas/1.37.0"
+
+
+class FastCounter:
+    """A monotonic counter summed here and reported through an ObservableCounter.
+
+    An ``add`` is a dict update under a lock (well under a microsecond) instead of the SDK's synchronous
+    measurement pipeline (about 4 µs per call on the reference machine); the exporter sees the same
+    cumulative sums, names and labels. Counters are shared per meter and name, so instrumenting again
+    with the same MeterProvider continues the same totals instead of registering a second callback.
+    """
+
+    __slots__ = ("__weakref__", "_lock", "_totals")
+
+    def __init__(self, meter: Any, spec: tuple[str, str, str]) -> None:
+        self._totals: dict[frozenset[tuple[str, Any]], float] = {}
+        self._lock = threading.Lock()
+        meter.create_observable_counter(spec[0], callbacks=[self._observe], unit=spec[1], description=spec[2])
+
+    def add(self, amount: float, attributes: dict[str, Any]) -> None:
+        key = frozenset(attributes.items())
+        with self._lock:
+            self._totals[key] = self._totals.get(key, 0) + amount
+
+    def _observe(self, options: Any) -> list[metrics.Observation]:
+        with self._lock:
+            items = list(self._totals.items())
+        return [metrics.Observation(value, dict(key)) for key, value in items]
+
+
+_COUNTERS: weakref.WeakKeyDictionary[Any, dict[str, FastCounter]] = weakref.WeakKeyDictionary()
+_COUNTERS_LOCK = threading.Lock()
+
+
+def _fast_counter(meter: Any, spec: tuple[str, str, str]) -> FastCounter:
+    with _COUNTERS_LOCK:
+        try:
+            by_name = _COUNTERS.setdefault(meter, {})
+        except TypeError:  # a meter that cannot be weakly referenced: no sharing
+            return FastCounter(meter, spec)
+        counter = by_name.get(spec[0])
+        if counter is None:
+            counter = by_name[spec[0]] = FastCounter(meter, spec)
+        return counter
 
 
 def _parent_based(tracer_provider: Any) -> bool:
@@ -65,8 +110,8 @@ class Telemetry:
         cc = config.observability.content_capture
         self.redactor = Redactor(cc.max_length) if cc.enabled else None
 
-        def counter(spec: tuple[str, str, str]) -> Any:
-            return meter.create_counter(spec[0], unit=spec[1], description=spec[2])
+        def counter(spec: tuple[str, str, str]) -> FastCounter:
+            return _fast_counter(meter, spec)
 
         def histogram(spec: tuple[str, str, str], buckets: tuple[float, ...]) -> Any:
             return meter.create_histogram(

@@ -35,7 +35,7 @@ def new_id() -> str:
 
 
 def execution_attributes(ctx: ExecutionContext) -> dict[str, Any]:
-    attrs: dict[str, Any] = {sc.EXECUTION_ID: ctx.execution_id}
+    attrs: dict[str, Any] = {sc.EXECUTION_ID: ctx.execution_id, sc.TASK_DEPTH: 0}
     if ctx.task is not None:
         attrs[sc.EXECUTION_TASK] = ctx.task[:_MAX_TASK_TEXT]
     if ctx.max_depth is not None:

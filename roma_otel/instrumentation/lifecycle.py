@@ -19,7 +19,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from roma_otel import semconv as sc
 from roma_otel import telemetry
-from roma_otel.context import _EXECUTION, ToolkitEvent
+from roma_otel.context import _EXECUTION, _TASK, ToolkitEvent
 from roma_otel.instrumentation.patching import Patcher
 
 __all__ = ["instrument_toolkit_manager", "record_toolkit_event", "toolkit_operation"]
@@ -48,6 +48,7 @@ def record_toolkit_event(
     try:
         end_ns = time.time_ns()
         ctx = _EXECUTION.get()
+        task = _TASK.get()
         exec_id = execution_id or (ctx.execution_id if ctx is not None else None)
         if not tel.skip_span():
             attrs: dict[str, Any] = {
@@ -55,6 +56,7 @@ def record_toolkit_event(
                 sc.TOOLKIT_CLASS: toolkit_class,
                 sc.TOOLKIT_DURATION_MS: float(duration_ms),
                 sc.TOOLKIT_SUCCESS: success,
+                sc.TASK_DEPTH: task.depth if task is not None else 0,
             }
             if exec_id is not None:
                 attrs[sc.EXECUTION_ID] = exec_id

@@ -304,8 +304,16 @@ def _tool_identity(tool: Any) -> tuple[str, str]:
 
 
 def _not_traced(func: Any) -> bool:
-    """A toolkit method (its own wrapper makes the span) or DSPy's internal sentinel (ReAct's finish)."""
-    return bool(getattr(func, TOOL_MARK, False)) or str(getattr(func, "__module__", "")).startswith("dspy.")
+    """A toolkit method (its own wrapper makes the span) or ReAct's ``finish`` sentinel, which is no tool.
+
+    Only the sentinel: tools DSPy builds from MCP or LangChain tools also live in dspy's modules and are
+    real tool calls.
+    """
+    if getattr(func, TOOL_MARK, False):
+        return True
+    return getattr(func, "__module__", None) == "dspy.predict.react" and str(
+        getattr(func, "__qualname__", "")
+    ).startswith(("ReAct.__init__.", "ReActV2."))
 
 
 def _dspy_tool_sync(original: Any) -> Any:
