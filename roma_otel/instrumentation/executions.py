@@ -17,6 +17,7 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from roma_otel import semconv as sc
@@ -116,13 +117,12 @@ class execution:
             "execution_id": execution_id,
             "metadata": metadata,
         }
-        self._state: tuple[ExecutionContext, Span | None, Token[Any] | None, object] | None = None
+        self._state: tuple[ExecutionContext, Span | None, Token[Any] | None, object, Telemetry | None] | None = None
 
     # --- context manager ------------------------------------------------------------------------
     def __enter__(self) -> ExecutionContext:
-        ctx, span, ex_token, otel_token = _begin(**self._kwargs)
-        self._state = (ctx, span, ex_token, otel_token)
-        return ctx
+        self._state = _begin(**self._kwargs)
+        return self._state[0]
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         state, self._state = self._state, None
@@ -167,7 +167,7 @@ def _begin(
     config_version: str | None,
     execution_id: str | None,
     metadata: dict[str, Any] | None,
-) -> tuple[ExecutionContext, Span | None, Token[Any] | None, object]:
+) -> tuple[ExecutionContext, Span | None, Token[Any] | None, object, Telemetry | None]:
     active = _EXECUTION.get()
     if active is not None:
         if active.implicit:
@@ -183,9 +183,10 @@ def _begin(
                     active.enriched = True
             if metadata:
                 active.metadata.update(metadata)
-        return active, None, None, None
+        return active, None, None, None, None
 
-    tel = telemetry.ACTIVE
+    # Under suppress_instrumentation() the block still gets its ExecutionContext, but no telemetry.
+    tel = telemetry.ACTIVE if is_instrumentation_enabled() else None
     if config_version is None and tel is not None:
         config_version = tel.config.config_version
     ctx = ExecutionContext(
@@ -206,7 +207,7 @@ def _begin(
             otel_token = otel_context.attach(trace.set_span_in_context(span))
         except Exception as exc:
             tel.internal_error("execution.start", exc)
-    return ctx, span, _EXECUTION.set(ctx), otel_token
+    return ctx, span, _EXECUTION.set(ctx), otel_token, tel
 
 
 def _end(
@@ -214,11 +215,11 @@ def _end(
     span: Span | None,
     ex_token: Token[Any] | None,
     otel_token: object,
+    tel: Telemetry | None,
     exc: BaseException | None,
 ) -> None:
     if ex_token is None:  # joined an existing execution: its owner closes it
         return
-    tel = telemetry.ACTIVE
     failed = exc is not None
     if span is not None and exc is not None:
         mark_error(span, exc)
@@ -263,7 +264,7 @@ class task:
         span: Span | None = None
         otel_token: object = None
         tel = telemetry.ACTIVE
-        if tel is not None and self._make_span and not tel.skip_span():
+        if tel is not None and self._make_span and is_instrumentation_enabled() and not tel.skip_span():
             try:
                 attrs: dict[str, Any] = {sc.TASK_ID: scope.task_id, sc.TASK_DEPTH: depth}
                 if ctx is not None:

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from roma_otel import semconv as sc
@@ -43,7 +44,7 @@ def record_toolkit_event(
     if operation not in sc.TOOLKIT_OPERATIONS:
         raise ValueError(f"operation must be one of {', '.join(sc.TOOLKIT_OPERATIONS)}; got {operation!r}")
     tel = telemetry.ACTIVE
-    if tel is None or not tel.track_lifecycle:
+    if tel is None or not tel.track_lifecycle or not is_instrumentation_enabled():
         return
     try:
         end_ns = time.time_ns()

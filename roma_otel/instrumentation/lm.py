@@ -20,9 +20,9 @@ from opentelemetry.trace import SpanKind
 from roma_otel import semconv as sc
 from roma_otel import telemetry
 from roma_otel.context import _EXECUTION, _TASK
-from roma_otel.cost import compute_cost
+from roma_otel.cost import UNKNOWN, compute_cost
 from roma_otel.instrumentation.modules import current_module_label
-from roma_otel.instrumentation.patching import Patcher
+from roma_otel.instrumentation.patching import Patcher, all_subclasses, install_subclass_hook
 from roma_otel.telemetry import Telemetry, mark_error
 
 __all__ = ["instrument_lm"]
@@ -118,9 +118,13 @@ def _exit(
             provider_cost = usage.get("cost")
             if provider_cost is None:
                 provider_cost = getattr(result, "cost", None)
-            cost = compute_cost(
-                model, input_tokens, output_tokens, provider_cost=provider_cost, cache_hit=cache_hit
-            )
+            try:
+                cost = compute_cost(
+                    model, input_tokens, output_tokens, provider_cost=provider_cost, cache_hit=cache_hit
+                )
+            except Exception as err:  # pricing must never cost the span or the other figures
+                tel.internal_error("lm.cost", err)
+                cost = UNKNOWN
         else:
             cost = None
         in_tok = input_tokens or 0
@@ -179,11 +183,11 @@ def _exit(
                 module, 0 if cache_hit else in_tok, 0 if cache_hit else out_tok,
                 cost.usd if cost is not None else None, latency_ms,
             )  # fmt: skip
-        if span is not None:
-            span.end()
     except Exception as err:
         tel.internal_error("lm.exit", err)
     finally:
+        if span is not None:
+            span.end()
         if otel_token is not None:
             otel_context.detach(otel_token)
         _CALL.reset(call_token)
@@ -196,11 +200,17 @@ def _messages(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return messages
 
 
+def _in_call_of(lm: Any) -> bool:
+    """True inside a call on this LM already: a subclass's ``__call__`` reaching ``super().__call__``."""
+    pending = _CALL.get()
+    return pending is not None and pending.lm is lm
+
+
 def _sync_call(original: Any) -> Any:
     @functools.wraps(original)
     def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
         tel = telemetry.ACTIVE
-        if tel is None or not is_instrumentation_enabled():
+        if tel is None or _in_call_of(self) or not is_instrumentation_enabled():
             return original(self, *args, **kwargs)
         try:
             state = _enter(tel, self, kwargs)
@@ -222,7 +232,7 @@ def _async_call(original: Any) -> Any:
     @functools.wraps(original)
     async def acall(self: Any, *args: Any, **kwargs: Any) -> Any:
         tel = telemetry.ACTIVE
-        if tel is None or not is_instrumentation_enabled():
+        if tel is None or _in_call_of(self) or not is_instrumentation_enabled():
             return await original(self, *args, **kwargs)
         try:
             state = _enter(tel, self, kwargs)
@@ -254,8 +264,15 @@ def _finalize_wrapper(original: Any) -> Any:
 def instrument_lm(patcher: Patcher) -> None:
     from dspy.clients import base_lm, execution
 
-    patcher.wrap_function(base_lm.BaseLM, "__call__", _sync_call)
-    patcher.wrap_function(base_lm.BaseLM, "acall", _async_call)
+    # BaseLM and every subclass that defines its own entry points (a custom LM, or another
+    # instrumentation's wrapper placed on dspy.LM), now and later; nested calls on one LM make one span.
+    def wrap(cls: type) -> None:
+        patcher.wrap_function(cls, "__call__", _sync_call)
+        patcher.wrap_function(cls, "acall", _async_call)
+
+    for cls in (base_lm.BaseLM, *all_subclasses(base_lm.BaseLM)):
+        wrap(cls)
+    install_subclass_hook(patcher, base_lm.BaseLM, wrap)
     # BaseLM.__call__ imports finalize from the module at call time, so patching the module works.
     original = execution.finalize
     wrapper = _finalize_wrapper(original)

@@ -109,11 +109,11 @@ def _exit(tel: Telemetry, state: tuple[Any, ...], exc: BaseException | None) -> 
             mark_error(span, exc)
         if exec_token is not None:
             finish_execution(tel, ctx, span, exc is not None)
-        if span is not None:
-            span.end()
     except Exception as err:
         tel.internal_error("module.exit", err)
     finally:
+        if span is not None:
+            span.end()
         if otel_token is not None:
             otel_context.detach(otel_token)
         if exec_token is not None:

@@ -7,8 +7,11 @@ when the class had none, leaving no ``__wrapped__`` behind.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import threading
+import types
 from typing import Any
 
 logger = logging.getLogger("roma_otel")
@@ -45,7 +48,8 @@ class Patcher:
                 return False
             if is_patched(func):
                 return False
-            wrapper = make_wrapper(func)
+            # type(), not isinstance(): wrapt proxies claim to be functions but must be bound to be called.
+            wrapper = make_wrapper(func if type(func) is types.FunctionType else _bound_caller(func))
             setattr(wrapper, ORIGINAL_ATTR, func)
             self.replace(owner, name, wrapper)
             return True
@@ -64,6 +68,25 @@ class Patcher:
 
     def __len__(self) -> int:
         return len(self._patches)
+
+
+def _bound_caller(descriptor: Any) -> Any:
+    """Call a non-function class attribute (another instrumentation's wrapt proxy) the way ``self.x()`` would.
+
+    Our wrappers call ``original(self, ...)``; a descriptor such as wrapt's FunctionWrapper must instead be
+    bound first, or it never learns its instance.
+    """
+    if inspect.iscoroutinefunction(descriptor):
+
+        async def call_async(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return await descriptor.__get__(self, type(self))(*args, **kwargs)
+
+        return functools.wraps(descriptor)(call_async)
+
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return descriptor.__get__(self, type(self))(*args, **kwargs)
+
+    return functools.wraps(descriptor)(call)
 
 
 def install_subclass_hook(patcher: Patcher, base: type, on_new_subclass: Any) -> None:

@@ -93,9 +93,7 @@ def _enter(
             attrs[sc.EXECUTION_ID] = ctx.execution_id
         if task is not None and task.task_id is not None:
             attrs[sc.TASK_ID] = task.task_id
-        span = tel.tracer.start_span(
-            f"{sc.SPAN_TOOL_PREFIX} {tool_name}", kind=SpanKind.INTERNAL, attributes=attrs
-        )
+        span = tel.tracer.start_span(f"{sc.SPAN_TOOL_PREFIX} {tool_name}", kind=SpanKind.INTERNAL, attributes=attrs)
         otel_token = otel_context.attach(trace.set_span_in_context(span))
     input_size = payload_size(_input_payload(args, kwargs)) if sampled else 0
     if sampled and span is not None and tel.redactor is not None and span.is_recording():
@@ -121,23 +119,21 @@ def _exit(tel: Telemetry, state: tuple[Any, ...], exc: BaseException | None, res
             tel.tool_failed.add(1, {**labels, sc.L_ERROR_TYPE: error_type})
         if sampled:
             output_size = payload_size(result) if exc is None else 0
-            if span is not None:
-                if span.is_recording():
-                    span.set_attributes(
-                        {
-                            sc.TOOL_INPUT_SIZE: input_size,
-                            sc.TOOL_OUTPUT_SIZE: output_size,
-                            sc.TOOL_SUCCESS: exc is None,
-                            sc.TOOL_DURATION_MS: duration_ms,
-                        }
-                    )
-                    if exc is not None:
-                        mark_error(span, exc)
-                    else:
-                        span.set_status(Status(StatusCode.OK))
-                        if tel.redactor is not None:
-                            span.set_attribute(sc.GEN_AI_TOOL_CALL_RESULT, tel.redactor.render(result))
-                span.end()
+            if span is not None and span.is_recording():
+                span.set_attributes(
+                    {
+                        sc.TOOL_INPUT_SIZE: input_size,
+                        sc.TOOL_OUTPUT_SIZE: output_size,
+                        sc.TOOL_SUCCESS: exc is None,
+                        sc.TOOL_DURATION_MS: duration_ms,
+                    }
+                )
+                if exc is not None:
+                    mark_error(span, exc)
+                else:
+                    span.set_status(Status(StatusCode.OK))
+                    if tel.redactor is not None:
+                        span.set_attribute(sc.GEN_AI_TOOL_CALL_RESULT, tel.redactor.render(result))
             if ctx is not None:
                 ctx.add_tool_invocation(
                     ToolInvocation(
@@ -156,6 +152,8 @@ def _exit(tel: Telemetry, state: tuple[Any, ...], exc: BaseException | None, res
     except Exception as err:
         tel.internal_error("tool.exit", err)
     finally:
+        if span is not None:
+            span.end()
         if otel_token is not None:
             otel_context.detach(otel_token)
         _TOOL.reset(tool_token)
@@ -245,16 +243,12 @@ def _tool_names(cls: type, excluded: frozenset[str], only: tuple[str, ...] | Non
     return names
 
 
-def _wrap_toolkit_class(
-    patcher: Patcher, cls: type, excluded: frozenset[str], only: tuple[str, ...] | None
-) -> None:
+def _wrap_toolkit_class(patcher: Patcher, cls: type, excluded: frozenset[str], only: tuple[str, ...] | None) -> None:
     for name in _tool_names(cls, excluded, only):
         patcher.wrap_function(cls, name, _method_wrapper(name))
 
 
-def _instrument_tree(
-    patcher: Patcher, root: type, *, include_root: bool, only: tuple[str, ...] | None
-) -> None:
+def _instrument_tree(patcher: Patcher, root: type, *, include_root: bool, only: tuple[str, ...] | None) -> None:
     # Methods of a configured base class (BaseToolkit's own helpers) are not tools.
     excluded = frozenset() if include_root else frozenset(dir(root))
     classes = [root, *all_subclasses(root)] if include_root else all_subclasses(root)
@@ -297,9 +291,7 @@ def _import_class(path: str) -> type | None:
 def _tool_identity(tool: Any) -> tuple[str, str]:
     func = tool.func
     owner = getattr(func, "__self__", None)
-    toolkit_class = (
-        type(owner).__name__ if owner is not None and not inspect.isclass(owner) else FUNCTION_TOOLKIT
-    )
+    toolkit_class = type(owner).__name__ if owner is not None and not inspect.isclass(owner) else FUNCTION_TOOLKIT
     return toolkit_class, str(getattr(tool, "name", None) or getattr(func, "__name__", "tool"))
 
 
@@ -333,9 +325,7 @@ def _dspy_tool_async(original: Any) -> Any:
         if _not_traced(self.func):
             return await original(self, **kwargs)
         toolkit_class, name = _tool_identity(self)
-        return await _run_async(
-            original, toolkit_class, name, None, (), kwargs, lambda: original(self, **kwargs)
-        )
+        return await _run_async(original, toolkit_class, name, None, (), kwargs, lambda: original(self, **kwargs))
 
     return acall
 

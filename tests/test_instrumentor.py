@@ -1,0 +1,412 @@
+"""RomaInstrumentor's lifecycle: exact restore on uninstrument, late subclasses, suppression, sampling,
+config errors at load, and failures inside roma-otel never reaching the program.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import dspy
+import pytest
+from opentelemetry.instrumentation.utils import suppress_instrumentation
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRatioBased
+
+import roma_otel
+from roma_otel import RomaInstrumentor, telemetry
+from roma_otel import semconv as sc
+from roma_otel.config import ConfigError, load_config
+from roma_otel.instrumentation.patching import ORIGINAL_ATTR
+from tests.conftest import answer_lm
+
+LM_SPAN = "chat gpt-4o-mini"
+
+
+@roma_otel.toolkit
+class LifecycleToolkit:
+    def lookup(self, city: str) -> str:
+        return city.upper()
+
+    def explode(self, city: str) -> str:
+        raise LookupError(city)
+
+
+def weather(city: str) -> str:
+    """A plain function tool (no toolkit)."""
+    return f"sunny in {city}"
+
+
+class Planner(dspy.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.plan = dspy.Predict("goal -> plan")
+
+    def forward(self, goal: str) -> dspy.Prediction:
+        return self.plan(goal=goal)
+
+
+class Executor(dspy.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.act = dspy.Predict("plan -> answer")
+        self.weather = dspy.Tool(weather)
+
+    def forward(self, plan: str) -> dspy.Prediction:
+        tools = LifecycleToolkit()
+        tools.lookup("rome")
+        try:
+            tools.explode("nowhere")
+        except LookupError:
+            pass
+        self.weather(city="rome")
+        return self.act(plan=plan)
+
+
+class Agent(dspy.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.planner = Planner()
+        self.executor = Executor()
+
+    def forward(self, goal: str) -> dspy.Prediction:
+        return self.executor(plan=self.planner(goal=goal).plan)
+
+
+LM_CALLS = 2  # planner 1, executor 1
+TOOL_CALLS = 3  # lookup, explode (raises), weather (dspy.Tool)
+
+
+def run_agent(n: int = 1) -> list[str]:
+    agent = Agent()
+    with dspy.context(lm=answer_lm(plan="go", answer="done")):
+        return [agent(goal=f"goal {i}").answer for i in range(n)]
+
+
+# --- restore exactly ------------------------------------------------------------------------------------
+_METHOD_NAMES = ("forward", "aforward", "__call__", "acall", "execute", "__init_subclass__")
+
+
+def _walk_subclasses(base: type) -> list[type]:
+    seen: set[type] = set()
+    out: list[type] = []
+    stack = [base]
+    while stack:
+        for sub in type.__subclasses__(stack.pop()):
+            if sub not in seen:
+                seen.add(sub)
+                out.append(sub)
+                stack.append(sub)
+    return out
+
+
+def _target_classes() -> list[type]:
+    from dspy.adapters.types.tool import Tool
+    from dspy.clients.base_lm import BaseLM
+    from dspy.utils.parallelizer import ParallelExecutor
+
+    classes = [dspy.Module, *_walk_subclasses(dspy.Module), BaseLM, *_walk_subclasses(BaseLM)]
+    classes += [Tool, *_walk_subclasses(Tool), ParallelExecutor, LifecycleToolkit]
+    return list(dict.fromkeys(classes))
+
+
+def _snapshot() -> dict[Any, Any]:
+    from dspy.clients import execution
+
+    snap: dict[Any, Any] = {("module", "dspy.clients.execution.finalize"): execution.finalize}
+    for cls in _target_classes():
+        for name in (*_METHOD_NAMES, *(n for n in ("lookup", "explode") if cls is LifecycleToolkit)):
+            snap[(cls, name)] = cls.__dict__.get(name, _ABSENT)
+    return snap
+
+
+_ABSENT = object()
+
+
+def _ours(value: Any) -> bool:
+    """True when ``value`` (or anything it wraps) is a roma-otel wrapper."""
+    if isinstance(value, classmethod | staticmethod):
+        value = value.__func__
+    seen = 0
+    while value is not None and seen < 50:
+        if isinstance(value, types.FunctionType) and ORIGINAL_ATTR in value.__dict__:
+            return True
+        value = value.__dict__.get("__wrapped__") if isinstance(value, types.FunctionType) else None
+        seen += 1
+    return False
+
+
+def _leftovers() -> list[str]:
+    """Every roma-otel wrapper still installed on a DSPy/ROMA/test class or DSPy's execution module."""
+    from dspy.clients import execution
+
+    found = []
+    if _ours(execution.finalize) or hasattr(execution.finalize, "__wrapped__"):
+        found.append("dspy.clients.execution.finalize")
+    prefixes = ("dspy", "roma_dspy", "roma_otel", __name__, "tests.")
+    for cls in [object, *_walk_subclasses(object)]:
+        if not str(getattr(cls, "__module__", "")).startswith(prefixes):
+            continue
+        for name, value in list(vars(cls).items()):
+            if _ours(value):
+                found.append(f"{cls.__module__}.{cls.__qualname__}.{name}")
+    return found
+
+
+def test_uninstrument_restores_every_original_object(make_tel: Any) -> None:
+    before = _snapshot()
+    assert _leftovers() == []
+
+    tel = make_tel()
+    from dspy.adapters.types.tool import Tool
+    from dspy.clients import execution
+    from dspy.clients.base_lm import BaseLM
+    from dspy.utils.parallelizer import ParallelExecutor
+
+    # Instrumented: these really are wrapped, so the restore below is not vacuous.
+    for owner, name in (
+        (dspy.Predict, "forward"),
+        (Planner, "forward"),
+        (BaseLM, "__call__"),
+        (BaseLM, "acall"),
+        (Tool, "__call__"),
+        (Tool, "acall"),
+        (ParallelExecutor, "execute"),
+        (LifecycleToolkit, "lookup"),
+    ):
+        assert _ours(owner.__dict__[name]), (owner, name)
+    assert _ours(execution.finalize)
+    assert run_agent() == ["done"]
+    assert len(tel.spans_named(LM_SPAN)) == LM_CALLS
+
+    tel.instrumentor.uninstrument()
+
+    after = _snapshot()
+    changed = [
+        f"{getattr(k[0], '__qualname__', k[0])}.{k[1]}" for k in before if after.get(k, _ABSENT) is not before[k]
+    ]
+    assert changed == [], f"not restored to the very same object: {changed}"
+    for (owner, name), value in after.items():
+        if value is _ABSENT:
+            continue
+        assert not _ours(value), (owner, name)
+        if owner == "module" or name in ("forward", "aforward", "execute", "lookup", "explode"):
+            # DSPy's own with_callbacks decorators carry __wrapped__ (BaseLM.__call__, Tool.__call__);
+            # everything else must carry none.
+            assert not hasattr(value, "__wrapped__"), (owner, name)
+    assert ORIGINAL_ATTR not in vars(execution.finalize)
+    assert "__init_subclass__" not in dspy.Module.__dict__ or not _ours(dspy.Module.__dict__["__init_subclass__"])
+    assert _leftovers() == []
+
+    # Uninstrumented programs make no telemetry.
+    spans_before = len(tel.spans())
+    assert run_agent() == ["done"]
+    assert len(tel.spans()) == spans_before
+
+
+def _late_forward(self: Any, goal: str) -> dspy.Prediction:
+    return self.inner(goal=goal)
+
+
+def _late_direct_forward(self: Any, goal: str) -> dspy.Prediction:
+    return self.inner(goal=goal)
+
+
+def test_subclass_defined_after_instrument_gets_spans_and_loses_them_on_uninstrument(make_tel: Any) -> None:
+    tel = make_tel()
+
+    class LatePlanner(Planner):  # a subclass of an existing subclass; its role comes from the MRO
+        forward = _late_forward
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = dspy.Predict("goal -> plan")
+
+    class LateDirect(dspy.Module):
+        forward = _late_direct_forward
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = dspy.Predict("goal -> plan")
+
+    assert _ours(LatePlanner.__dict__["forward"])
+    with dspy.context(lm=answer_lm(plan="p")):
+        assert LatePlanner()(goal="g").plan == "p"
+        assert LateDirect().forward(goal="g").plan == "p"  # forward() directly, not __call__
+
+    late = tel.span("LatePlanner")
+    direct = tel.span("LateDirect")
+    for span, cls in ((late, LatePlanner), (direct, LateDirect)):
+        assert span.attributes[sc.MODULE_CLASS].endswith(cls.__qualname__)
+        assert sc.EXECUTION_ID in span.attributes
+        lm = [s for s in tel.spans_named(LM_SPAN) if s.context.trace_id == span.context.trace_id]
+        assert len(lm) == 1
+    assert late.attributes[sc.MODULE] == "planner"  # the role from the class name
+    assert direct.attributes[sc.MODULE] == "LateDirect"
+
+    tel.instrumentor.uninstrument()
+    assert LatePlanner.__dict__["forward"] is _late_forward
+    assert LateDirect.__dict__["forward"] is _late_direct_forward
+    assert not hasattr(LatePlanner.__dict__["forward"], "__wrapped__")
+    assert "aforward" not in LatePlanner.__dict__
+
+    class AfterUninstrument(dspy.Module):
+        def forward(self, x: str) -> str:
+            return x
+
+    assert not _ours(AfterUninstrument.__dict__["forward"])
+    assert _leftovers() == []
+
+
+# --- suppression and sampling ---------------------------------------------------------------------------
+def test_suppress_instrumentation_makes_no_spans_and_no_metrics(make_tel: Any) -> None:
+    tel = make_tel()
+    with suppress_instrumentation():
+        assert run_agent(2) == ["done", "done"]
+    assert tel.spans() == []
+    assert tel.metrics() == {}
+
+    # Outside the block the same program is observed again.
+    run_agent()
+    assert len(tel.spans_named(LM_SPAN)) == LM_CALLS
+    assert tel.metric_sum("lm_calls") == LM_CALLS
+
+
+def test_suppress_instrumentation_covers_roma_toolkit_manager_hooks(make_tel: Any) -> None:
+    """ROMA's ToolkitManager is auto-instrumented too; suppression must silence it like the rest."""
+    from roma_dspy.config.schemas.toolkit import ToolkitConfig
+    from roma_dspy.tools.base.manager import ToolkitManager
+
+    tel = make_tel()
+
+    async def use_toolkits() -> float:
+        manager = ToolkitManager()
+        tools = await manager.get_tools_for_execution("exec-1", None, [ToolkitConfig("CalculatorToolkit")])
+        result = tools["add"](a=1, b=2)
+        await manager.cleanup_execution("exec-1")
+        return result
+
+    with suppress_instrumentation():
+        assert asyncio.run(use_toolkits()) == 3
+    assert [s.name for s in tel.spans()] == []
+    assert tel.metrics() == {}
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [ALWAYS_OFF, ParentBased(TraceIdRatioBased(0.0))],
+    ids=["always_off", "parent_based_ratio_0"],
+)
+def test_sampled_out_traces_still_count_every_call(make_tel: Any, sampler: Any) -> None:
+    tel = make_tel(sampler=sampler)
+    runs = 3
+    assert run_agent(runs) == ["done"] * runs
+    assert tel.spans() == []
+    assert tel.metric_sum("lm_calls") == LM_CALLS * runs
+    assert tel.metric_sum("lm_calls", module="planner") == runs
+    assert tel.metric_sum("lm_calls", module="executor") == runs
+    assert tel.metric_sum("tool_invocations") == TOOL_CALLS * runs
+    assert tel.metric_sum("tool_invocations_success") == 2 * runs
+    assert tel.metric_sum("tool_invocations_failed", error_type="LookupError") == runs
+    assert tel.metric_sum("tool_invocations", toolkit_class="dspy.Tool", tool_name="weather") == runs
+    assert tel.metric_sum("tool_duration_ms") == TOOL_CALLS * runs
+    assert tel.metric_sum("executions", status="completed") == runs
+
+
+# --- configuration errors fail at load ---------------------------------------------------------------------
+def test_bad_env_value_fails_at_load_naming_the_variable() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(env={"TOOLKIT_SAMPLE_RATE": "1.5"})
+    message = str(info.value)
+    assert "TOOLKIT_SAMPLE_RATE" in message
+    assert "1.5" in message
+
+
+def test_instrument_reads_the_environment_and_fails_before_patching(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOOLKIT_SAMPLE_RATE", "1.5")
+    with pytest.raises(ConfigError, match="TOOLKIT_SAMPLE_RATE"):
+        RomaInstrumentor().instrument()
+    assert telemetry.ACTIVE is None
+    assert not _ours(dspy.Predict.__dict__["forward"])
+
+
+@pytest.mark.parametrize("bad", ["nope", {"observability": {}}, 42])
+def test_instrument_rejects_a_config_that_is_not_a_config_object(bad: Any) -> None:
+    with pytest.raises(TypeError, match="RomaOtelConfig"):
+        RomaInstrumentor().instrument(config=bad)
+    assert telemetry.ACTIVE is None
+    assert not _ours(dspy.Predict.__dict__["forward"])
+
+
+# --- failures inside roma-otel are swallowed ----------------------------------------------------------------
+@pytest.fixture
+def broken_cost(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    import roma_otel.instrumentation.lm as lm_module
+
+    def compute_cost(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("price table exploded")
+
+    monkeypatch.setattr(lm_module, "compute_cost", compute_cost)
+    yield
+
+
+def test_internal_error_is_swallowed_and_counted(make_tel: Any, broken_cost: None) -> None:
+    tel = make_tel()
+    # Same program, same answers as when roma-otel works.
+    assert run_agent(2) == ["done", "done"]
+    errors = tel.metrics().get(sc.M_INSTRUMENTATION_ERRORS[0], [])
+    assert errors, "roma_otel_instrumentation_errors was not recorded"
+    assert sum(p.value for p in errors) == LM_CALLS * 2
+    # Other telemetry still flows: module spans and tool metrics.
+    assert len(tel.spans_named("Planner")) == 2
+    assert tel.metric_sum("tool_invocations") == TOOL_CALLS * 2
+
+
+def test_internal_error_in_cost_still_ends_the_lm_span_and_counts_the_call(make_tel: Any, broken_cost: None) -> None:
+    """A failure computing cost should cost only the cost figure, not the LM span or the call count."""
+    tel = make_tel()
+    assert run_agent() == ["done"]
+    assert len(tel.spans_named(LM_SPAN)) == LM_CALLS, "the LM span was never ended (leaked)"
+    assert tel.metric_sum("lm_calls") == LM_CALLS
+
+
+# --- coexistence with another DSPy instrumentation ----------------------------------------------------------
+def test_coexists_with_openinference_instrumented_first(make_tel: Any) -> None:
+    """openinference-instrumentation-dspy (a dev dependency, entry point "dspy") wraps Predict.forward with
+    wrapt before roma-otel does when its entry point is listed first, as happens with
+    ``opentelemetry-instrument`` outside the repository. The program must still run, traced by both."""
+    pytest.importorskip("openinference.instrumentation.dspy")
+    from openinference.instrumentation.dspy import DSPyInstrumentor
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    # openinference's uninstrument() leaves e.g. dspy.LM.__call__ set to BaseLM's function where there
+    # was none, which would hide later tests' LM calls from roma-otel: put DSPy's classes back exactly.
+    dspy_classes = [c for c in _walk_subclasses(object) if str(c.__module__).startswith("dspy")]
+    saved = {c: dict(vars(c)) for c in dspy_classes}
+
+    other = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(other))
+    openinference = DSPyInstrumentor()
+    openinference.instrument(tracer_provider=provider)
+    try:
+        tel = make_tel()
+        try:
+            assert run_agent() == ["done"]
+            assert len(tel.spans_named(LM_SPAN)) == LM_CALLS
+            assert other.get_finished_spans(), "openinference made no spans"
+        finally:
+            tel.instrumentor.uninstrument()
+    finally:
+        openinference.uninstrument()
+        for cls, before in saved.items():
+            for name in set(vars(cls)) - set(before):
+                if not name.startswith("_abc_"):
+                    delattr(cls, name)
+            for name, value in before.items():
+                if vars(cls).get(name) is not value and name not in ("__dict__", "__weakref__", "__doc__"):
+                    setattr(cls, name, value)
+    assert _leftovers() == []
