@@ -133,3 +133,44 @@ def answer_lm(model: str = "openai/gpt-4o-mini", **fields: str) -> Any:
 
     body = "".join(f"[[ ## {k} ## ]]\n{v}\n\n" for k, v in fields.items()) + "[[ ## completed ## ]]"
     return dspy.LM(model, mock_response=body, cache=False)
+
+
+# --- PostgreSQL ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def pg_server_dsn() -> Iterator[str]:
+    """A superuser DSN: ROMA_OTEL_TEST_DSN, else a throwaway cluster this session starts on loopback."""
+    from tests.pgserver import DSN_ENV, PostgresServer, find_bindir, wait_ready
+
+    if os.environ.get(DSN_ENV):
+        yield os.environ[DSN_ENV]
+        return
+    bindir = find_bindir()
+    if bindir is None:
+        message = "PostgreSQL server binaries (initdb, pg_ctl) not found; scripts/setup.sh installs them"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    server = PostgresServer(bindir).start()
+    try:
+        wait_ready(server.dsn)
+        yield server.dsn
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_dsn(pg_server_dsn: str) -> Iterator[str]:
+    """A fresh, empty database for one test; dropped afterwards."""
+    import uuid
+
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_server_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    params = conninfo_to_dict(pg_server_dsn)
+    params["dbname"] = name
+    yield make_conninfo(**params)
+    with psycopg.connect(pg_server_dsn, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
