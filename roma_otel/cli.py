@@ -1,4 +1,4 @@
-"""The ``roma-otel`` command line: ``roma-otel demo`` (more subcommands arrive with the storage bridges)."""
+"""The ``roma-otel`` command line: ``roma-otel demo`` and ``roma-otel db upgrade|downgrade|current``."""
 
 from __future__ import annotations
 
@@ -22,6 +22,31 @@ def _demo(args: argparse.Namespace) -> int:
         port=args.port,
         keep_serving=args.keep_serving,
     )
+
+
+def _db(args: argparse.Namespace) -> int:
+    try:
+        from alembic.util import CommandError
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from roma_otel.storage import migrate
+    except ImportError as exc:
+        print(f"roma-otel: error: {exc}; install roma-otel[postgres]", file=sys.stderr)
+        return 2
+    try:
+        if args.db_command == "upgrade":
+            migrate.upgrade(args.url, args.revision)
+        elif args.db_command == "downgrade":
+            migrate.downgrade(args.url, args.revision)
+        rev = migrate.current(args.url)
+    except (CommandError, SQLAlchemyError) as exc:
+        print(f"roma-otel: error: {exc}", file=sys.stderr)
+        return 1
+    if rev is None:
+        print("base (no roma-otel migrations applied)")
+    else:
+        print(f"{rev} (head)" if rev == migrate.head() else rev)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +74,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the metrics endpoint up after the run (for SECONDS, or until Ctrl-C without a value)",
     )
     demo.set_defaults(func=_demo)
+
+    db = sub.add_parser("db", help="migrate the PostgreSQL schema (roma-otel's packaged Alembic migrations)")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    url_help = (
+        "database URL, postgresql://... (default: $ROMA_OTEL_DATABASE_URL, $DATABASE_URL, "
+        "then storage.postgres.connection_url from the config file)"
+    )
+    upgrade = db_sub.add_parser("upgrade", help="upgrade to REV (default: head) and print the new revision")
+    upgrade.add_argument("revision", nargs="?", default="head", metavar="REV", help="target revision (default head)")
+    downgrade = db_sub.add_parser("downgrade", help="downgrade to REV (base removes every table)")
+    downgrade.add_argument("revision", metavar="REV", help="target revision, e.g. 003_add_dag_snapshot or base")
+    current = db_sub.add_parser("current", help="print the database's current revision")
+    for command in (upgrade, downgrade, current):
+        command.add_argument("--url", help=url_help)
+        command.set_defaults(func=_db)
     return parser
 
 

@@ -164,6 +164,12 @@ M_INSTRUMENTATION_ERRORS: Final = (
     "Failures inside roma-otel itself, swallowed",
 )  # roma_otel_instrumentation_errors_total
 
+M_PERSISTENCE_DROPPED: Final = (
+    "roma_otel_persistence_dropped",
+    "",
+    "Trace rows a persistence bridge had to drop (queue or spool full)",
+)  # roma_otel_persistence_dropped_total
+
 # Bucket boundaries (floats, so Prometheus renders le="5.0" consistently).
 TOOL_DURATION_MS_BUCKETS: Final = (
     1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,

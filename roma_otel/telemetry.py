@@ -138,6 +138,7 @@ class Telemetry:
         self.toolkit_events = counter(sc.M_TOOLKIT_LIFECYCLE)
         self.toolkit_duration = histogram(sc.M_TOOLKIT_LIFECYCLE_DURATION_MS, sc.TOOL_DURATION_MS_BUCKETS)
         self.internal_errors = counter(sc.M_INSTRUMENTATION_ERRORS)
+        self.persistence_dropped = counter(sc.M_PERSISTENCE_DROPPED)
         self._logged_errors: set[str] = set()
         # Bridges (MLflow, Postgres) subscribe here to hear about each finished execution.
         self.execution_listeners: list[Callable[[ExecutionContext], None]] = []

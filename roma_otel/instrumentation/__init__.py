@@ -78,7 +78,35 @@ class RomaInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 self._endpoint = None
             raise
         self._patcher = patcher
+        self._postgres = self._start_postgres(config, tel, kwargs.get("tracer_provider"))
         telemetry.ACTIVE = tel
+
+    @staticmethod
+    def _start_postgres(config: RomaOtelConfig, tel: telemetry.Telemetry, tracer_provider: Any) -> Any:
+        """Add the Postgres writer to the tracer provider when ``storage.postgres`` is enabled."""
+        pg = config.storage.postgres
+        if not pg.enabled:
+            return None
+        if not pg.connection_url:
+            raise ValueError("storage.postgres.enabled is true but storage.postgres.connection_url is not set")
+        from opentelemetry import trace
+
+        from roma_otel.exporters.postgres import PostgresSpanProcessor
+
+        provider = tracer_provider if tracer_provider is not None else trace.get_tracer_provider()
+        if not hasattr(provider, "add_span_processor"):
+            logger.warning("roma-otel: storage.postgres needs an SDK TracerProvider; Postgres persistence is off")
+            return None
+        tm = config.observability.toolkit_metrics
+        processor = PostgresSpanProcessor(
+            pg.connection_url,
+            batch_size=tm.batch_size,
+            persist_toolkit=tm.enabled and tm.persist_to_db,
+            async_persist=tm.async_persist,
+            on_drop=lambda n, reason: tel.persistence_dropped.add(n, {"bridge": "postgres", "reason": reason}),
+        )
+        provider.add_span_processor(processor)
+        return processor
 
     def _uninstrument(self, **kwargs: Any) -> None:
         from roma_otel.instrumentation.tools import uninstrument_tools
@@ -89,6 +117,10 @@ class RomaInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         if patcher is not None:
             patcher.restore_all()
             self._patcher = None
+        postgres = getattr(self, "_postgres", None)
+        if postgres is not None:
+            postgres.shutdown()  # flushes (bounded) and spools the rest; the provider keeps an inert processor
+            self._postgres = None
         endpoint = getattr(self, "_endpoint", None)
         if endpoint is not None:
             endpoint.shutdown()

@@ -1,0 +1,288 @@
+"""Pure translation from finished spans to Postgres rows: no I/O, unit-testable in isolation.
+
+Each function takes a span (anything with ``name``, ``attributes``, ``context``, ``parent``,
+``start_time``, ``end_time``, ``status``) and returns a dict keyed by column name, or None when the span
+is not of that kind. Rows carry the span's trace and span ids, which make every write idempotent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from roma_otel import semconv as sc
+
+__all__ = [
+    "LM_COLUMNS",
+    "TOOLKIT_COLUMNS",
+    "TOOL_COLUMNS",
+    "Batch",
+    "classify",
+    "dag_node",
+    "execution_final",
+    "lm_row",
+    "to_batch",
+    "tool_invocation_row",
+    "toolkit_row",
+]
+
+LM_COLUMNS = (
+    "execution_id", "otel_trace_id", "span_id", "parent_span_id", "task_id", "depth", "module_name", "model",
+    "created_at", "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd", "cost_source", "latency_ms",
+    "cache_hit", "error", "metadata",
+)  # fmt: skip
+TOOL_COLUMNS = (
+    "execution_id", "toolkit_class", "tool_name", "invoked_at", "duration_ms", "input_size_bytes",
+    "output_size_bytes", "success", "error", "metadata",
+)  # fmt: skip
+TOOLKIT_COLUMNS = (
+    "execution_id", "timestamp", "operation", "toolkit_class", "duration_ms", "success", "error", "metadata",
+)  # fmt: skip
+
+# Span kinds the writer persists.
+LM, TOOL, TOOLKIT, ROOT, NODE = "lm", "tool", "toolkit", "root", "node"
+
+
+def _ts(ns: int | None) -> datetime:
+    return datetime.fromtimestamp((ns or 0) / 1e9, UTC)
+
+
+def _hex_trace(span: Any) -> str:
+    return f"{span.context.trace_id:032x}"
+
+
+def _hex_span(span_id: int | None) -> str | None:
+    return None if span_id is None else f"{span_id:016x}"
+
+
+def _duration_ms(span: Any) -> float:
+    return ((span.end_time or 0) - (span.start_time or 0)) / 1e6
+
+
+def _error(span: Any) -> str | None:
+    if span.status.status_code.name != "ERROR":
+        return None
+    return span.status.description or str((span.attributes or {}).get(sc.ERROR_TYPE, "error"))
+
+
+def _ids(span: Any) -> dict[str, Any]:
+    return {"otel_trace_id": _hex_trace(span), "span_id": _hex_span(span.context.span_id)}
+
+
+def classify(span: Any) -> str | None:
+    """Which table(s) a span feeds, from its name and attributes alone (cheap: runs per span)."""
+    attrs = span.attributes or {}
+    if sc.EXECUTION_ID not in attrs:
+        return None
+    if span.name == sc.SPAN_EXECUTION or attrs.get(sc.EXECUTION_IMPLICIT):
+        return ROOT
+    op = attrs.get(sc.GEN_AI_OPERATION_NAME)
+    if op in (sc.OP_CHAT, sc.OP_TEXT_COMPLETION):
+        return LM
+    if op == sc.OP_EXECUTE_TOOL:
+        return TOOL
+    if sc.TOOLKIT_OPERATION in attrs:
+        return TOOLKIT
+    if span.name == sc.SPAN_TASK or sc.MODULE_CLASS in attrs:
+        return NODE
+    return None
+
+
+def lm_row(span: Any) -> dict[str, Any]:
+    attrs = span.attributes or {}
+    prompt = attrs.get(sc.GEN_AI_USAGE_INPUT_TOKENS)
+    completion = attrs.get(sc.GEN_AI_USAGE_OUTPUT_TOKENS)
+    total = None if prompt is None and completion is None else (prompt or 0) + (completion or 0)
+    provider = attrs.get(sc.GEN_AI_PROVIDER_NAME)
+    request_model = attrs.get(sc.GEN_AI_REQUEST_MODEL, "")
+    metadata: dict[str, Any] = {"operation": attrs.get(sc.GEN_AI_OPERATION_NAME)}
+    for key, name in (
+        (sc.GEN_AI_RESPONSE_MODEL, "response_model"),
+        (sc.GEN_AI_REQUEST_TEMPERATURE, "temperature"),
+        (sc.GEN_AI_REQUEST_MAX_TOKENS, "max_tokens"),
+        (sc.ERROR_TYPE, "error_type"),
+    ):
+        if key in attrs:
+            metadata[name] = attrs[key]
+    return {
+        "execution_id": str(attrs[sc.EXECUTION_ID]),
+        **_ids(span),
+        "parent_span_id": _hex_span(span.parent.span_id) if span.parent is not None else None,
+        "task_id": attrs.get(sc.TASK_ID),
+        "depth": int(attrs.get(sc.TASK_DEPTH, 0)),
+        "module_name": str(attrs.get(sc.MODULE, "unattributed")),
+        "model": f"{provider}/{request_model}" if provider else str(request_model),
+        "created_at": _ts(span.start_time),
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": total,
+        "cost_usd": attrs.get(sc.LM_COST_USD),
+        "cost_source": attrs.get(sc.LM_COST_SOURCE),
+        "latency_ms": float(attrs.get(sc.LM_LATENCY_MS, _duration_ms(span))),
+        "cache_hit": bool(attrs.get(sc.LM_CACHE_HIT, False)),
+        "error": _error(span),
+        "metadata": metadata,
+    }
+
+
+def tool_invocation_row(span: Any) -> dict[str, Any]:
+    attrs = span.attributes or {}
+    metadata: dict[str, Any] = {**_ids(span), "module": attrs.get(sc.MODULE), "depth": attrs.get(sc.TASK_DEPTH, 0)}
+    if sc.TASK_ID in attrs:
+        metadata["task_id"] = attrs[sc.TASK_ID]
+    if sc.ERROR_TYPE in attrs:
+        metadata["error_type"] = attrs[sc.ERROR_TYPE]
+    return {
+        "execution_id": str(attrs[sc.EXECUTION_ID]),
+        "toolkit_class": str(attrs.get(sc.TOOLKIT_CLASS, "")),
+        "tool_name": str(attrs.get(sc.GEN_AI_TOOL_NAME, "")),
+        "invoked_at": _ts(span.start_time),  # the start of the call, not its end
+        "duration_ms": float(attrs.get(sc.TOOL_DURATION_MS, _duration_ms(span))),
+        "input_size_bytes": int(attrs.get(sc.TOOL_INPUT_SIZE, 0)),
+        "output_size_bytes": int(attrs.get(sc.TOOL_OUTPUT_SIZE, 0)),
+        "success": bool(attrs.get(sc.TOOL_SUCCESS, _error(span) is None)),
+        "error": _error(span),
+        "metadata": metadata,
+    }
+
+
+def toolkit_row(span: Any) -> dict[str, Any]:
+    attrs = span.attributes or {}
+    return {
+        "execution_id": str(attrs[sc.EXECUTION_ID]),
+        "timestamp": _ts(span.start_time),
+        "operation": str(attrs[sc.TOOLKIT_OPERATION]),
+        "toolkit_class": attrs.get(sc.TOOLKIT_CLASS),
+        "duration_ms": float(attrs.get(sc.TOOLKIT_DURATION_MS, _duration_ms(span))),
+        "success": bool(attrs.get(sc.TOOLKIT_SUCCESS, True)),
+        "error": attrs.get(sc.TOOLKIT_ERROR),
+        "metadata": _ids(span),
+    }
+
+
+def dag_node(span: Any) -> dict[str, Any]:
+    """A task or module span as a node of the execution's tree (stored in executions.dag_snapshot)."""
+    attrs = span.attributes or {}
+    node: dict[str, Any] = {
+        "span_id": _hex_span(span.context.span_id),
+        "parent_span_id": _hex_span(span.parent.span_id) if span.parent is not None else None,
+        "name": span.name,
+        "kind": "task" if span.name == sc.SPAN_TASK else ("execution" if classify(span) == ROOT else "module"),
+        "start": _ts(span.start_time).isoformat(),
+        "duration_ms": _duration_ms(span),
+        "status": "error" if span.status.status_code.name == "ERROR" else "ok",
+        "depth": attrs.get(sc.TASK_DEPTH, 0),
+    }
+    for key, name in (
+        (sc.MODULE, "module"),
+        (sc.MODULE_CLASS, "module_class"),
+        (sc.TASK_ID, "task_id"),
+        (sc.TASK_GOAL, "goal"),
+    ):
+        if key in attrs:
+            node[name] = attrs[key]
+    return node
+
+
+def execution_final(span: Any) -> dict[str, Any]:
+    """The executions row as the root span's end describes it."""
+    attrs = span.attributes or {}
+    return {
+        "execution_id": str(attrs[sc.EXECUTION_ID]),
+        "created_at": _ts(span.start_time),
+        "status": str(attrs.get(sc.EXECUTION_STATUS, "failed" if _error(span) else "completed")),
+        "task": attrs.get(sc.EXECUTION_TASK),
+        "max_depth": attrs.get(sc.EXECUTION_MAX_DEPTH),
+        "solver_type": attrs.get(sc.EXECUTION_SOLVER_TYPE),
+        "config_version": attrs.get(sc.EXECUTION_CONFIG_VERSION),
+        "total_tasks": int(attrs.get(sc.EXECUTION_TOTAL_TASKS, 0)),
+        "completed_tasks": int(attrs.get(sc.EXECUTION_COMPLETED_TASKS, 0)),
+        "failed_tasks": int(attrs.get(sc.EXECUTION_FAILED_TASKS, 0)),
+        "total_cost": float(attrs.get(sc.EXECUTION_TOTAL_COST, 0.0)),
+        "total_tokens": int(attrs.get(sc.EXECUTION_TOTAL_TOKENS, 0)),
+        "execution_duration": float(attrs.get(sc.EXECUTION_DURATION, _duration_ms(span) / 1000.0)),
+        "max_depth_reached": int(attrs.get(sc.EXECUTION_MAX_DEPTH_REACHED, 0)),
+        "otel_trace_id": _hex_trace(span),
+        "metadata": {"implicit": bool(attrs.get(sc.EXECUTION_IMPLICIT, False)), "root_span": span.name},
+    }
+
+
+@dataclass
+class Batch:
+    """Rows of one write, in the order they must be written (parents before children, then finals)."""
+
+    executions: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> first-seen row
+    lm: list[dict[str, Any]] = field(default_factory=list)
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    toolkit: list[dict[str, Any]] = field(default_factory=list)
+    finals: list[dict[str, Any]] = field(default_factory=list)  # execution rows with end figures and dag
+
+    def __len__(self) -> int:
+        return len(self.lm) + len(self.tools) + len(self.toolkit) + len(self.finals)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "executions": list(self.executions.values()),
+            "lm": self.lm,
+            "tools": self.tools,
+            "toolkit": self.toolkit,
+            "finals": self.finals,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Batch:
+        def parse(rows: list[dict[str, Any]], *keys: str) -> list[dict[str, Any]]:
+            for row in rows:
+                for key in keys:
+                    if isinstance(row.get(key), str):
+                        row[key] = datetime.fromisoformat(row[key])
+            return rows
+
+        batch = cls(
+            lm=parse(data.get("lm", []), "created_at"),
+            tools=parse(data.get("tools", []), "invoked_at"),
+            toolkit=parse(data.get("toolkit", []), "timestamp"),
+            finals=parse(data.get("finals", []), "created_at"),
+        )
+        for row in parse(data.get("executions", []), "created_at"):
+            batch.executions[row["execution_id"]] = row
+        return batch
+
+
+def to_batch(
+    spans: Iterable[tuple[str, Any]], nodes: dict[str, list[dict[str, Any]]], *, persist_toolkit: bool = True
+) -> Batch:
+    """Translate classified spans into a Batch.
+
+    ``nodes`` accumulates tree nodes per execution across batches (children end before their root);
+    a root takes its execution's nodes into its final row's ``dag_snapshot``.
+    """
+    batch = Batch()
+    for kind, span in spans:
+        attrs = span.attributes or {}
+        execution_id = str(attrs[sc.EXECUTION_ID])
+        if execution_id not in batch.executions:
+            batch.executions[execution_id] = {
+                "execution_id": execution_id,
+                "created_at": _ts(span.start_time),
+                "otel_trace_id": _hex_trace(span),
+            }
+        if kind == LM:
+            batch.lm.append(lm_row(span))
+        elif kind == TOOL:
+            if persist_toolkit:
+                batch.tools.append(tool_invocation_row(span))
+        elif kind == TOOLKIT:
+            if persist_toolkit:
+                batch.toolkit.append(toolkit_row(span))
+        elif kind == NODE:
+            nodes.setdefault(execution_id, []).append(dag_node(span))
+        elif kind == ROOT:
+            final = execution_final(span)
+            tree = nodes.pop(execution_id, [])
+            tree.append(dag_node(span))
+            final["dag_snapshot"] = sorted(tree, key=lambda n: n["start"])
+            batch.finals.append(final)
+    return batch

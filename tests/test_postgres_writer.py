@@ -1,0 +1,244 @@
+"""The Postgres writer against a real PostgreSQL: rows from spans, idempotence, outages, shutdown."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import dspy
+import psycopg
+import pytest
+
+import roma_otel
+from roma_otel import semconv as sc
+from roma_otel.config import default_config
+from roma_otel.exporters.postgres import PostgresSpanProcessor
+from roma_otel.storage.migrate import upgrade
+from roma_otel.storage.rows import LM, TOOL, classify, to_batch
+from tests.conftest import answer_lm
+from tests.pgserver import PostgresServer, find_bindir, wait_ready
+
+
+@roma_otel.toolkit
+class Weather:
+    def forecast(self, city: str) -> str:
+        return f"sunny in {city}"
+
+    def broken(self, city: str) -> str:
+        raise ConnectionError(f"no station in {city}")
+
+
+class Planner(dspy.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.plan = dspy.Predict("question -> answer")
+
+    def forward(self, question: str) -> Any:
+        return self.plan(question=question)
+
+
+def run_execution(goal: str = "weekend in Rome") -> str:
+    """One explicit execution: 2 LM calls, 2 tool calls (one failing), a task and two lifecycle events."""
+    with dspy.context(lm=answer_lm(answer="ok")), roma_otel.execution(goal, max_depth=2, solver_type="Demo") as ctx:
+        with roma_otel.task("plan it", depth=1):
+            Planner()(question="a")
+            Planner()(question="b")
+            Weather().forecast("Rome")
+            with pytest.raises(ConnectionError):
+                Weather().broken("Atlantis")
+        roma_otel.record_toolkit_event("cache_miss", "Weather", duration_ms=0.1)
+        roma_otel.record_toolkit_event("create", "Weather", duration_ms=2.5)
+    return ctx.execution_id
+
+
+def rows(dsn: str, sql: str, *params: Any) -> list[tuple]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def writer_config(dsn: str, **toolkit: Any) -> Any:
+    config = default_config()
+    config.storage.postgres.enabled = True
+    config.storage.postgres.connection_url = dsn
+    for key, value in toolkit.items():
+        setattr(config.observability.toolkit_metrics, key, value)
+    return config
+
+
+def processor_of(tel: Any) -> PostgresSpanProcessor:
+    return tel.instrumentor._postgres
+
+
+@pytest.fixture
+def migrated(pg_dsn: str) -> str:
+    upgrade(pg_dsn)
+    return pg_dsn
+
+
+def test_rows_are_translated_from_spans(tel) -> None:
+    execution_id = run_execution()
+    spans = [(classify(s), s) for s in tel.spans()]
+    kinds = [k for k, _ in spans]
+    assert kinds.count(LM) == 2 and kinds.count(TOOL) == 2
+    batch = to_batch([(k, s) for k, s in spans if k], {})
+    assert set(batch.executions) == {execution_id}
+    lm = batch.lm[0]
+    assert lm["module_name"] == "planner" and lm["model"] == "openai/gpt-4o-mini"
+    assert (lm["prompt_tokens"], lm["completion_tokens"], lm["total_tokens"]) == (10, 20, 30)
+    assert lm["cost_usd"] > 0 and lm["depth"] == 1 and lm["task_id"]
+    failed = next(r for r in batch.tools if not r["success"])
+    assert failed["metadata"]["error_type"] == "ConnectionError"
+    assert failed["invoked_at"] < failed["invoked_at"].__class__.now(failed["invoked_at"].tzinfo)
+    (final,) = batch.finals
+    assert final["task"] == "weekend in Rome" and final["solver_type"] == "Demo" and final["status"] == "completed"
+    kinds_in_tree = {n["kind"] for n in final["dag_snapshot"]}
+    assert kinds_in_tree == {"execution", "task", "module"}
+
+
+def test_execution_is_persisted_end_to_end(make_tel, migrated: str) -> None:
+    tel = make_tel(writer_config(migrated))
+    execution_id = run_execution()
+    assert processor_of(tel).force_flush(20_000)
+
+    (execution,) = rows(
+        migrated,
+        "SELECT status, task, max_depth, solver_type, total_tasks, completed_tasks, total_tokens, total_cost, "
+        "otel_trace_id, jsonb_array_length(dag_snapshot) FROM executions WHERE execution_id = %s",
+        execution_id,
+    )
+    status, task, max_depth, solver, total_tasks, completed, tokens, cost, trace_id, nodes = execution
+    assert (status, task, max_depth, solver, total_tasks, completed, tokens) == (
+        "completed", "weekend in Rome", 2, "Demo", 1, 1, 60,
+    )  # fmt: skip
+    root = tel.span(sc.SPAN_EXECUTION)
+    assert trace_id == f"{root.context.trace_id:032x}"
+    assert cost == pytest.approx(root.attributes[sc.EXECUTION_TOTAL_COST])
+    assert nodes >= 4  # execution, task, two Planner spans (+ their Predicts)
+
+    lm = rows(
+        migrated,
+        "SELECT module_name, prompt_tokens, completion_tokens, cost_usd FROM lm_traces WHERE execution_id=%s",
+        execution_id,
+    )
+    assert len(lm) == 2 and all(r[0] == "planner" and r[1] == 10 and r[2] == 20 and r[3] > 0 for r in lm)
+    tools = rows(
+        migrated,
+        "SELECT tool_name, success, metadata->>'error_type', input_size_bytes FROM tool_invocation_traces "
+        "WHERE execution_id=%s ORDER BY invoked_at",
+        execution_id,
+    )
+    assert tools == [("forecast", True, None, 4), ("broken", False, "ConnectionError", 8)]
+    ops = rows(migrated, "SELECT operation FROM toolkit_traces WHERE execution_id=%s ORDER BY trace_id", execution_id)
+    assert [o for (o,) in ops] == ["cache_miss", "create"]
+
+
+def test_a_retried_batch_never_duplicates(tel, migrated: str, tmp_path: Path) -> None:
+    run_execution()
+    spans = [(classify(s), s) for s in tel.spans() if classify(s)]
+    writer = PostgresSpanProcessor(migrated, spool_dir=tmp_path)
+    try:
+        writer._write(to_batch(spans, {}))
+        writer._write(to_batch(spans, {}))  # the same spans again, as after a retry
+    finally:
+        writer.shutdown()
+    counts = rows(
+        migrated,
+        "SELECT (SELECT count(*) FROM lm_traces), (SELECT count(*) FROM tool_invocation_traces), "
+        "(SELECT count(*) FROM toolkit_traces), (SELECT count(*) FROM executions)",
+    )
+    assert counts == [(2, 2, 2, 1)]
+
+
+def test_synchronous_persist_writes_when_the_execution_ends(make_tel, migrated: str) -> None:
+    tel = make_tel(writer_config(migrated, async_persist=False, batch_size=10_000))
+    processor_of(tel).flush_interval = 3600  # the worker would not wake on its own during this test
+    execution_id = run_execution()
+    assert rows(migrated, "SELECT status FROM executions WHERE execution_id=%s", execution_id) == [("completed",)]
+    assert rows(migrated, "SELECT count(*) FROM lm_traces")[0][0] == 2
+
+
+def test_persist_to_db_false_keeps_toolkit_rows_out(make_tel, migrated: str) -> None:
+    tel = make_tel(writer_config(migrated, persist_to_db=False))
+    run_execution()
+    assert processor_of(tel).force_flush(20_000)
+    assert rows(migrated, "SELECT count(*) FROM tool_invocation_traces")[0][0] == 0
+    assert rows(migrated, "SELECT count(*) FROM lm_traces")[0][0] == 2
+
+
+def test_server_outage_spools_and_replays_in_order(make_tel, tmp_path: Path) -> None:
+    bindir = find_bindir()
+    assert bindir is not None, "PostgreSQL server binaries are needed (scripts/setup.sh installs them)"
+    server = PostgresServer(bindir).start()
+    try:
+        wait_ready(server.dsn)
+        upgrade(server.dsn)
+        tel = make_tel(writer_config(server.dsn))
+        writer = processor_of(tel)
+        writer.spool_dir = tmp_path
+        first = run_execution("before the outage")
+        assert writer.force_flush(20_000)
+
+        server.halt()  # the database goes away mid-run
+        during = [run_execution(f"during the outage {i}") for i in range(3)]
+        assert writer.force_flush(30_000)
+        spooled = sorted(tmp_path.glob("batch-*.json"))
+        assert spooled, "rows written during the outage must be spooled"
+
+        server.resume()
+        wait_ready(server.dsn)
+        writer._retry_at = 0.0
+        deadline = time.monotonic() + 30
+        while list(tmp_path.glob("batch-*.json")) and time.monotonic() < deadline:
+            writer.force_flush(5_000)
+            time.sleep(0.2)
+        assert list(tmp_path.glob("batch-*.json")) == []
+        persisted = {r[0] for r in rows(server.dsn, "SELECT execution_id FROM executions WHERE status = 'completed'")}
+        assert {first, *during} <= persisted
+        assert rows(server.dsn, "SELECT count(*) FROM lm_traces")[0][0] == 2 * 4
+        assert writer.dropped == 0
+    finally:
+        server.stop()
+
+
+def test_clean_shutdown_with_the_database_down_loses_nothing(tel, tmp_path: Path, migrated: str) -> None:
+    run_execution()
+    spans = [(classify(s), s) for s in tel.spans() if classify(s)]
+    writer = PostgresSpanProcessor("postgresql://nobody@127.0.0.1:1/none", spool_dir=tmp_path, flush_timeout=2)
+    for _, span in spans:
+        writer.on_end(span)
+    started = time.monotonic()
+    writer.shutdown()
+    assert time.monotonic() - started < 15  # bounded, even with nothing listening
+    assert list(tmp_path.glob("batch-*.json"))
+
+    replay = PostgresSpanProcessor(migrated, spool_dir=tmp_path)
+    try:
+        assert replay.force_flush(20_000)
+        deadline = time.monotonic() + 20
+        while list(tmp_path.glob("batch-*.json")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            replay.force_flush(2_000)
+    finally:
+        replay.shutdown()
+    assert rows(migrated, "SELECT count(*) FROM lm_traces")[0][0] == 2
+    assert rows(migrated, "SELECT status FROM executions")[0][0] == "completed"
+
+
+def test_a_full_queue_drops_oldest_and_counts(tel, tmp_path: Path) -> None:
+    run_execution()
+    spans = [s for s in tel.spans() if classify(s)]
+    dropped: list[tuple[int, str]] = []
+    writer = PostgresSpanProcessor(
+        "postgresql://nobody@127.0.0.1:1/none", spool_dir=tmp_path, max_queue_size=2, flush_interval=3600,
+        on_drop=lambda n, reason: dropped.append((n, reason)),
+    )  # fmt: skip
+    writer._retry_at = time.monotonic() + 3600  # keep the worker from draining while we fill the queue
+    try:
+        for span in spans:
+            writer.on_end(span)
+        assert writer.dropped == len(spans) - 2
+        assert sum(n for n, _ in dropped) == len(spans) - 2 and {r for _, r in dropped} == {"queue full"}
+    finally:
+        writer.flush_timeout = 1
+        writer.shutdown()
