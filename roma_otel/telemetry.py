@@ -31,6 +31,8 @@ logger = logging.getLogger("roma_otel")
 
 ACTIVE: Telemetry | None = None
 
+SCOPE = "roma_otel"  # the instrumentation scope of every span and metric roma-otel makes
+
 _SCHEMA_URL = "https://opentelemetry.io/schemas/1.37.0"
 
 
@@ -97,10 +99,10 @@ class Telemetry:
         meter_provider: Any = None,
     ) -> None:
         self.config = config
-        self.tracer = trace.get_tracer("roma_otel", __version__, tracer_provider, schema_url=_SCHEMA_URL)
+        self.tracer = trace.get_tracer(SCOPE, __version__, tracer_provider, schema_url=_SCHEMA_URL)
         provider = tracer_provider if tracer_provider is not None else trace.get_tracer_provider()
         self.parent_based = _parent_based(provider)
-        meter = metrics.get_meter("roma_otel", __version__, meter_provider, schema_url=_SCHEMA_URL)
+        meter = metrics.get_meter(SCOPE, __version__, meter_provider, schema_url=_SCHEMA_URL)
 
         tm = config.observability.toolkit_metrics
         self.toolkit_enabled = tm.enabled

@@ -89,7 +89,7 @@ def test_rows_are_translated_from_spans(tel) -> None:
     assert lm["cost_usd"] > 0 and lm["depth"] == 1 and lm["task_id"]
     failed = next(r for r in batch.tools if not r["success"])
     assert failed["metadata"]["error_type"] == "ConnectionError"
-    assert failed["invoked_at"] < failed["invoked_at"].__class__.now(failed["invoked_at"].tzinfo)
+    assert 0 < failed["invoked_at_ns"] < time.time_ns()
     (final,) = batch.finals
     assert final["task"] == "weekend in Rome" and final["solver_type"] == "Demo" and final["status"] == "completed"
     kinds_in_tree = {n["kind"] for n in final["dag_snapshot"]}

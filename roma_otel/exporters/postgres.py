@@ -2,9 +2,10 @@
 
 ``on_end`` only classifies the span and appends it to a bounded queue. A daemon worker translates
 batches (``storage.rows``) and writes each batch in one transaction: missing ``executions`` rows first,
-then the child rows through COPY into a staging table and ``INSERT ... ON CONFLICT DO NOTHING`` (a
-retried batch never duplicates), then the finished executions. When Postgres is unreachable, batches
-are retried with backoff and spooled to local files, replayed in order when it comes back; a clean
+then each table's rows as one JSON document expanded by ``jsonb_to_recordset`` into
+``INSERT ... ON CONFLICT DO NOTHING`` (a retried batch never duplicates), then the finished executions.
+When Postgres is unreachable, batches are retried with backoff and spooled to local files, replayed in
+order when it comes back; a clean
 shutdown flushes within a bounded timeout and spools the rest. Anything dropped is counted and logged once.
 """
 
@@ -23,24 +24,67 @@ from opentelemetry import context as otel_context
 from opentelemetry.instrumentation.utils import _SUPPRESS_INSTRUMENTATION_KEY
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 
-from roma_otel.storage.rows import LM_COLUMNS, ROOT, TOOL_COLUMNS, TOOLKIT_COLUMNS, Batch, classify, to_batch
+from roma_otel.storage.rows import ROOT, Batch, classify, to_batch
+from roma_otel.telemetry import SCOPE
 
 __all__ = ["PostgresSpanProcessor", "default_spool_dir"]
 
 logger = logging.getLogger("roma_otel")
 
-_JSON_COLUMNS = {"metadata", "dag_snapshot"}
 _MAX_OPEN_EXECUTIONS = 10_000  # executions whose tree nodes wait for their root span
-_FINAL_COLUMNS = (
-    "execution_id", "created_at", "status", "task", "max_depth", "solver_type", "config_version", "total_tasks",
-    "completed_tasks", "failed_tasks", "total_cost", "total_tokens", "execution_duration", "max_depth_reached",
-    "otel_trace_id", "metadata", "dag_snapshot",
-)  # fmt: skip
-_TABLES = (
-    # (batch attribute, table, columns, conflict target)
-    ("lm", "lm_traces", LM_COLUMNS, "(otel_trace_id, span_id)"),
-    ("tools", "tool_invocation_traces", TOOL_COLUMNS, "((metadata->>'otel_trace_id'), (metadata->>'span_id'))"),
-    ("toolkit", "toolkit_traces", TOOLKIT_COLUMNS, "((metadata->>'otel_trace_id'), (metadata->>'span_id'))"),
+
+
+def _from_json(table: str, record: str, conflict: str) -> str:
+    """One set-based statement per table and batch, from ``jsonb_to_recordset``'s record definition.
+
+    Postgres parses the JSON rows (in C, in its own process), so the writer's Python work per row is
+    building one small dict; ``*_ns`` fields (epoch nanoseconds) become the timestamp columns.
+    """
+    fields = [item.split(" ")[0] for item in record.split(", ")]
+    names = ", ".join(f.removesuffix("_ns") for f in fields)
+    select = ", ".join(f"to_timestamp(r.{f} / 1e9)" if f.endswith("_ns") else f"r.{f}" for f in fields)
+    return (
+        f"INSERT INTO {table} ({names}) SELECT {select} "
+        f"FROM jsonb_to_recordset(%s::jsonb) AS r({record}) ON CONFLICT {conflict}"
+    )
+
+
+_LM_RECORD = (
+    "execution_id text, otel_trace_id text, span_id text, parent_span_id text, task_id text, depth int, "
+    "module_name text, model text, created_at_ns bigint, prompt_tokens int, completion_tokens int, total_tokens int, "
+    "cost_usd numeric, cost_source text, latency_ms float8, cache_hit bool, error text, metadata jsonb"
+)
+_TOOL_RECORD = (
+    "execution_id text, toolkit_class text, tool_name text, invoked_at_ns bigint, duration_ms float8, "
+    "input_size_bytes int, output_size_bytes int, success bool, error text, metadata jsonb"
+)
+_TOOLKIT_RECORD = (
+    "execution_id text, timestamp_ns bigint, operation text, toolkit_class text, duration_ms float8, success bool, "
+    "error text, metadata jsonb"
+)
+_SPAN_CONFLICT = "((metadata->>'otel_trace_id'), (metadata->>'span_id')) DO NOTHING"
+_STATEMENTS = (
+    # (batch attribute, statement)
+    ("lm", _from_json("lm_traces", _LM_RECORD, "(otel_trace_id, span_id) DO NOTHING")),
+    ("tools", _from_json("tool_invocation_traces", _TOOL_RECORD, _SPAN_CONFLICT)),
+    ("toolkit", _from_json("toolkit_traces", _TOOLKIT_RECORD, _SPAN_CONFLICT)),
+)
+_EXECUTIONS_FIRST_SEEN = _from_json(
+    "executions", "execution_id text, created_at_ns bigint, otel_trace_id text", "(execution_id) DO NOTHING"
+)
+_FINAL_RECORD = (
+    "execution_id text, created_at_ns bigint, status text, task text, max_depth int, solver_type text, "
+    "config_version text, total_tasks int, completed_tasks int, failed_tasks int, total_cost float8, "
+    "total_tokens bigint, execution_duration float8, max_depth_reached int, otel_trace_id text, metadata jsonb, "
+    "dag_snapshot jsonb"
+)
+_FINAL_UPDATES = ", ".join(
+    f"{name} = EXCLUDED.{name}"
+    for name in (c.split(" ")[0] for c in _FINAL_RECORD.split(", "))
+    if name not in ("execution_id", "created_at_ns")
+)
+_EXECUTIONS_FINAL = _from_json(
+    "executions", _FINAL_RECORD, f"(execution_id) DO UPDATE SET {_FINAL_UPDATES}, updated_at = now()"
 )
 
 
@@ -88,7 +132,7 @@ class PostgresSpanProcessor(SpanProcessor):
         self.dropped = 0
         self.written_rows = 0
         self._drop_logged = False
-        self._queue: collections.deque[tuple[str, ReadableSpan]] = collections.deque()
+        self._queue: collections.deque[ReadableSpan] = collections.deque()
         self._nodes: dict[str, list[dict[str, Any]]] = {}
         self._conn: Any = None
         self._backoff = 0.0
@@ -112,20 +156,19 @@ class PostgresSpanProcessor(SpanProcessor):
         return None
 
     def on_end(self, span: ReadableSpan) -> None:
-        if self._shutdown:
-            return
-        kind = classify(span)
-        if kind is None:
+        # The application thread only queues roma-otel's spans; classifying and translating them is the
+        # worker's job.
+        if self._shutdown or span.instrumentation_scope is None or span.instrumentation_scope.name != SCOPE:
             return
         with self._lock:
             if len(self._queue) >= self.max_queue_size:
                 self._queue.popleft()
                 self._count_drop(1, "queue full")
-            self._queue.append((kind, span))
+            self._queue.append(span)
             full = len(self._queue) >= self.batch_size
         if full:
             self._wake.set()
-        if kind == ROOT and not self.async_persist:
+        if not self.async_persist and classify(span) == ROOT:
             self.force_flush(int(self.flush_timeout * 1000))
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
@@ -160,7 +203,7 @@ class PostgresSpanProcessor(SpanProcessor):
                 pass
 
     # --- worker ---------------------------------------------------------------------------------------
-    def _take(self, n: int) -> list[tuple[str, ReadableSpan]]:
+    def _take(self, n: int) -> list[ReadableSpan]:
         with self._lock:
             items = [self._queue.popleft() for _ in range(min(n, len(self._queue)))]
             self._pending += len(items)
@@ -201,8 +244,9 @@ class PostgresSpanProcessor(SpanProcessor):
             finally:
                 self._done(len(items))
 
-    def _translate(self, items: list[tuple[str, ReadableSpan]]) -> Batch:
-        batch = to_batch(items, self._nodes, persist_toolkit=self.persist_toolkit)
+    def _translate(self, spans: list[ReadableSpan]) -> Batch:
+        classified = [(kind, span) for span in spans if (kind := classify(span)) is not None]
+        batch = to_batch(classified, self._nodes, persist_toolkit=self.persist_toolkit)
         while len(self._nodes) > _MAX_OPEN_EXECUTIONS:  # trees whose root never came (e.g. sampled out)
             self._nodes.pop(next(iter(self._nodes)))
         return batch
@@ -244,55 +288,20 @@ class PostgresSpanProcessor(SpanProcessor):
             import psycopg
 
             self._conn = psycopg.connect(self.dsn, connect_timeout=5, autocommit=False)
-            with self._conn.cursor() as cur:
-                for attr, table, columns, _ in _TABLES:
-                    cur.execute(
-                        f"CREATE TEMP TABLE IF NOT EXISTS stage_{attr} ON COMMIT DELETE ROWS AS "
-                        f"SELECT {', '.join(columns)} FROM {table} WITH NO DATA"
-                    )
-            self._conn.commit()
         return self._conn
 
     def _write(self, batch: Batch) -> None:
-        from psycopg.types.json import Jsonb
-
-        def value(column: str, v: Any) -> Any:
-            return Jsonb(v) if column in _JSON_COLUMNS and v is not None else v
-
         conn = self._connection()
         with conn.transaction(), conn.cursor() as cur:
+            # Parents first: every row's execution exists before its children arrive (they end first).
             if batch.executions:
-                cur.executemany(
-                    "INSERT INTO executions (execution_id, created_at, otel_trace_id) VALUES (%s, %s, %s) "
-                    "ON CONFLICT (execution_id) DO NOTHING",
-                    [(r["execution_id"], r["created_at"], r["otel_trace_id"]) for r in batch.executions.values()],
-                )
-            for attr, table, columns, conflict in _TABLES:
+                cur.execute(_EXECUTIONS_FIRST_SEEN, (json.dumps(list(batch.executions.values())),))
+            for attr, statement in _STATEMENTS:
                 rows = getattr(batch, attr)
-                if not rows:
-                    continue
-                names = ", ".join(columns)
-                with cur.copy(f"COPY stage_{attr} ({names}) FROM STDIN") as copy:
-                    for row in rows:
-                        copy.write_row(
-                            [
-                                json.dumps(row[c], default=_json_default) if c in _JSON_COLUMNS else row[c]
-                                for c in columns
-                            ]
-                        )
-                cur.execute(
-                    f"INSERT INTO {table} ({names}) SELECT {names} FROM stage_{attr} ON CONFLICT {conflict} DO NOTHING"
-                )
+                if rows:
+                    cur.execute(statement, (json.dumps(rows, default=_json_default),))
             if batch.finals:
-                names = ", ".join(_FINAL_COLUMNS)
-                updates = ", ".join(
-                    f"{c} = EXCLUDED.{c}" for c in _FINAL_COLUMNS if c not in ("execution_id", "created_at")
-                )
-                cur.executemany(
-                    f"INSERT INTO executions ({names}, updated_at) VALUES ({', '.join(['%s'] * len(_FINAL_COLUMNS))}, "
-                    f"now()) ON CONFLICT (execution_id) DO UPDATE SET {updates}, updated_at = now()",
-                    [[value(c, row.get(c)) for c in _FINAL_COLUMNS] for row in batch.finals],
-                )
+                cur.execute(_EXECUTIONS_FINAL, (json.dumps(batch.finals, default=_json_default),))
         self.written_rows += len(batch)
 
     # --- spool ----------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Pure translation from finished spans to Postgres rows: no I/O, unit-testable in isolation.
 
 Each function takes a span (anything with ``name``, ``attributes``, ``context``, ``parent``,
-``start_time``, ``end_time``, ``status``) and returns a dict keyed by column name, or None when the span
-is not of that kind. Rows carry the span's trace and span ids, which make every write idempotent.
+``start_time``, ``end_time``, ``status``) and returns a JSON-native dict keyed by column name
+(timestamps as ``*_ns`` epoch nanoseconds), which the writer ships to Postgres as one JSON document per
+table and batch, and the spool stores as is. Rows carry the span's trace and span ids (idempotent writes).
 """
 
 from __future__ import annotations
@@ -15,38 +16,24 @@ from typing import Any
 from roma_otel import semconv as sc
 
 __all__ = [
-    "LM_COLUMNS",
-    "TOOLKIT_COLUMNS",
-    "TOOL_COLUMNS",
     "Batch",
     "classify",
     "dag_node",
     "execution_final",
     "lm_row",
+    "span_attributes",
     "to_batch",
     "tool_invocation_row",
     "toolkit_row",
 ]
 
-LM_COLUMNS = (
-    "execution_id", "otel_trace_id", "span_id", "parent_span_id", "task_id", "depth", "module_name", "model",
-    "created_at", "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd", "cost_source", "latency_ms",
-    "cache_hit", "error", "metadata",
-)  # fmt: skip
-TOOL_COLUMNS = (
-    "execution_id", "toolkit_class", "tool_name", "invoked_at", "duration_ms", "input_size_bytes",
-    "output_size_bytes", "success", "error", "metadata",
-)  # fmt: skip
-TOOLKIT_COLUMNS = (
-    "execution_id", "timestamp", "operation", "toolkit_class", "duration_ms", "success", "error", "metadata",
-)  # fmt: skip
-
 # Span kinds the writer persists.
 LM, TOOL, TOOLKIT, ROOT, NODE = "lm", "tool", "toolkit", "root", "node"
 
 
-def _ts(ns: int | None) -> datetime:
-    return datetime.fromtimestamp((ns or 0) / 1e9, UTC)
+def _ts(ns: int | None) -> int:
+    # Epoch nanoseconds: JSON-native, and Postgres turns them into timestamps (to_timestamp) server-side.
+    return ns or 0
 
 
 def _hex_trace(span: Any) -> str:
@@ -71,9 +58,23 @@ def _ids(span: Any) -> dict[str, Any]:
     return {"otel_trace_id": _hex_trace(span), "span_id": _hex_span(span.context.span_id)}
 
 
-def classify(span: Any) -> str | None:
-    """Which table(s) a span feeds, from its name and attributes alone (cheap: runs per span)."""
-    attrs = span.attributes or {}
+def span_attributes(span: Any) -> dict[str, Any]:
+    """The span's attributes as a plain dict.
+
+    ``ReadableSpan.attributes`` is a read-only proxy over a pure-Python mapping whose missing-key lookups
+    raise and catch KeyError: several microseconds per span here. The SDK keeps a plain dict inside;
+    read it when it is there (the span has ended, so it no longer changes), else copy once.
+    """
+    inner = getattr(getattr(span, "_attributes", None), "_dict", None)
+    if isinstance(inner, dict):
+        return inner
+    return dict(span.attributes or {})
+
+
+def classify(span: Any, attrs: dict[str, Any] | None = None) -> str | None:
+    """Which table(s) a span feeds, from its name and attributes alone."""
+    if attrs is None:
+        attrs = span_attributes(span)
     if sc.EXECUTION_ID not in attrs:
         return None
     if span.name == sc.SPAN_EXECUTION or attrs.get(sc.EXECUTION_IMPLICIT):
@@ -90,8 +91,9 @@ def classify(span: Any) -> str | None:
     return None
 
 
-def lm_row(span: Any) -> dict[str, Any]:
-    attrs = span.attributes or {}
+def lm_row(span: Any, attrs: dict[str, Any] | None = None) -> dict[str, Any]:
+    if attrs is None:
+        attrs = span_attributes(span)
     prompt = attrs.get(sc.GEN_AI_USAGE_INPUT_TOKENS)
     completion = attrs.get(sc.GEN_AI_USAGE_OUTPUT_TOKENS)
     total = None if prompt is None and completion is None else (prompt or 0) + (completion or 0)
@@ -114,7 +116,7 @@ def lm_row(span: Any) -> dict[str, Any]:
         "depth": int(attrs.get(sc.TASK_DEPTH, 0)),
         "module_name": str(attrs.get(sc.MODULE, "unattributed")),
         "model": f"{provider}/{request_model}" if provider else str(request_model),
-        "created_at": _ts(span.start_time),
+        "created_at_ns": _ts(span.start_time),
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": total,
@@ -127,8 +129,9 @@ def lm_row(span: Any) -> dict[str, Any]:
     }
 
 
-def tool_invocation_row(span: Any) -> dict[str, Any]:
-    attrs = span.attributes or {}
+def tool_invocation_row(span: Any, attrs: dict[str, Any] | None = None) -> dict[str, Any]:
+    if attrs is None:
+        attrs = span_attributes(span)
     metadata: dict[str, Any] = {**_ids(span), "module": attrs.get(sc.MODULE), "depth": attrs.get(sc.TASK_DEPTH, 0)}
     if sc.TASK_ID in attrs:
         metadata["task_id"] = attrs[sc.TASK_ID]
@@ -138,7 +141,7 @@ def tool_invocation_row(span: Any) -> dict[str, Any]:
         "execution_id": str(attrs[sc.EXECUTION_ID]),
         "toolkit_class": str(attrs.get(sc.TOOLKIT_CLASS, "")),
         "tool_name": str(attrs.get(sc.GEN_AI_TOOL_NAME, "")),
-        "invoked_at": _ts(span.start_time),  # the start of the call, not its end
+        "invoked_at_ns": _ts(span.start_time),  # the start of the call, not its end
         "duration_ms": float(attrs.get(sc.TOOL_DURATION_MS, _duration_ms(span))),
         "input_size_bytes": int(attrs.get(sc.TOOL_INPUT_SIZE, 0)),
         "output_size_bytes": int(attrs.get(sc.TOOL_OUTPUT_SIZE, 0)),
@@ -148,11 +151,12 @@ def tool_invocation_row(span: Any) -> dict[str, Any]:
     }
 
 
-def toolkit_row(span: Any) -> dict[str, Any]:
-    attrs = span.attributes or {}
+def toolkit_row(span: Any, attrs: dict[str, Any] | None = None) -> dict[str, Any]:
+    if attrs is None:
+        attrs = span_attributes(span)
     return {
         "execution_id": str(attrs[sc.EXECUTION_ID]),
-        "timestamp": _ts(span.start_time),
+        "timestamp_ns": _ts(span.start_time),
         "operation": str(attrs[sc.TOOLKIT_OPERATION]),
         "toolkit_class": attrs.get(sc.TOOLKIT_CLASS),
         "duration_ms": float(attrs.get(sc.TOOLKIT_DURATION_MS, _duration_ms(span))),
@@ -162,15 +166,16 @@ def toolkit_row(span: Any) -> dict[str, Any]:
     }
 
 
-def dag_node(span: Any) -> dict[str, Any]:
+def dag_node(span: Any, attrs: dict[str, Any] | None = None) -> dict[str, Any]:
     """A task or module span as a node of the execution's tree (stored in executions.dag_snapshot)."""
-    attrs = span.attributes or {}
+    if attrs is None:
+        attrs = span_attributes(span)
     node: dict[str, Any] = {
         "span_id": _hex_span(span.context.span_id),
         "parent_span_id": _hex_span(span.parent.span_id) if span.parent is not None else None,
         "name": span.name,
-        "kind": "task" if span.name == sc.SPAN_TASK else ("execution" if classify(span) == ROOT else "module"),
-        "start": _ts(span.start_time).isoformat(),
+        "kind": "task" if span.name == sc.SPAN_TASK else ("execution" if classify(span, attrs) == ROOT else "module"),
+        "start": datetime.fromtimestamp((span.start_time or 0) / 1e9, UTC).isoformat(),
         "duration_ms": _duration_ms(span),
         "status": "error" if span.status.status_code.name == "ERROR" else "ok",
         "depth": attrs.get(sc.TASK_DEPTH, 0),
@@ -186,12 +191,13 @@ def dag_node(span: Any) -> dict[str, Any]:
     return node
 
 
-def execution_final(span: Any) -> dict[str, Any]:
+def execution_final(span: Any, attrs: dict[str, Any] | None = None) -> dict[str, Any]:
     """The executions row as the root span's end describes it."""
-    attrs = span.attributes or {}
+    if attrs is None:
+        attrs = span_attributes(span)
     return {
         "execution_id": str(attrs[sc.EXECUTION_ID]),
-        "created_at": _ts(span.start_time),
+        "created_at_ns": _ts(span.start_time),
         "status": str(attrs.get(sc.EXECUTION_STATUS, "failed" if _error(span) else "completed")),
         "task": attrs.get(sc.EXECUTION_TASK),
         "max_depth": attrs.get(sc.EXECUTION_MAX_DEPTH),
@@ -233,20 +239,11 @@ class Batch:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Batch:
-        def parse(rows: list[dict[str, Any]], *keys: str) -> list[dict[str, Any]]:
-            for row in rows:
-                for key in keys:
-                    if isinstance(row.get(key), str):
-                        row[key] = datetime.fromisoformat(row[key])
-            return rows
-
         batch = cls(
-            lm=parse(data.get("lm", []), "created_at"),
-            tools=parse(data.get("tools", []), "invoked_at"),
-            toolkit=parse(data.get("toolkit", []), "timestamp"),
-            finals=parse(data.get("finals", []), "created_at"),
-        )
-        for row in parse(data.get("executions", []), "created_at"):
+            lm=data.get("lm", []), tools=data.get("tools", []), toolkit=data.get("toolkit", []),
+            finals=data.get("finals", []),
+        )  # fmt: skip
+        for row in data.get("executions", []):
             batch.executions[row["execution_id"]] = row
         return batch
 
@@ -261,28 +258,28 @@ def to_batch(
     """
     batch = Batch()
     for kind, span in spans:
-        attrs = span.attributes or {}
+        attrs = span_attributes(span)
         execution_id = str(attrs[sc.EXECUTION_ID])
         if execution_id not in batch.executions:
             batch.executions[execution_id] = {
                 "execution_id": execution_id,
-                "created_at": _ts(span.start_time),
+                "created_at_ns": _ts(span.start_time),
                 "otel_trace_id": _hex_trace(span),
             }
         if kind == LM:
-            batch.lm.append(lm_row(span))
+            batch.lm.append(lm_row(span, attrs))
         elif kind == TOOL:
             if persist_toolkit:
-                batch.tools.append(tool_invocation_row(span))
+                batch.tools.append(tool_invocation_row(span, attrs))
         elif kind == TOOLKIT:
             if persist_toolkit:
-                batch.toolkit.append(toolkit_row(span))
+                batch.toolkit.append(toolkit_row(span, attrs))
         elif kind == NODE:
-            nodes.setdefault(execution_id, []).append(dag_node(span))
+            nodes.setdefault(execution_id, []).append(dag_node(span, attrs))
         elif kind == ROOT:
-            final = execution_final(span)
+            final = execution_final(span, attrs)
             tree = nodes.pop(execution_id, [])
-            tree.append(dag_node(span))
+            tree.append(dag_node(span, attrs))
             final["dag_snapshot"] = sorted(tree, key=lambda n: n["start"])
             batch.finals.append(final)
     return batch

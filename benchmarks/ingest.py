@@ -1,0 +1,220 @@
+"""Postgres ingestion: roma-otel's writer against a raw COPY and against one INSERT per transaction.
+
+Needs a PostgreSQL server: ``--dsn`` (an empty database; the schema is created with the migrations) or,
+by default, a throwaway cluster started like the test suite does. Usage:
+
+    python benchmarks/ingest.py [--rows 20000] [--dsn postgresql://...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+import psycopg
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+import roma_otel
+from roma_otel.config import default_config
+from roma_otel.exporters.postgres import PostgresSpanProcessor
+from roma_otel.storage.migrate import upgrade
+from roma_otel.storage.rows import classify, tool_invocation_row
+
+TOOL_COLUMNS = (
+    "execution_id", "toolkit_class", "tool_name", "invoked_at", "duration_ms", "input_size_bytes",
+    "output_size_bytes", "success", "error", "metadata",
+)  # fmt: skip
+
+
+@roma_otel.toolkit
+class Bench:
+    def lookup(self, key: str) -> str:
+        return key * 3
+
+
+def make_spans(n: int) -> list[Any]:
+    """``n`` real finished tool spans (plus their execution's root), made by the instrumentation."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    inst = roma_otel.RomaInstrumentor()
+    inst.instrument(tracer_provider=provider, meter_provider=MeterProvider(), config=default_config())
+    tool = Bench()
+    with roma_otel.execution("ingest benchmark"):
+        for i in range(n):
+            tool.lookup(f"k{i}")
+    inst.uninstrument()
+    return list(exporter.get_finished_spans())
+
+
+def reset(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("TRUNCATE executions CASCADE")
+
+
+def count(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT count(*) FROM tool_invocation_traces").fetchone()[0]
+
+
+def ingest_writer(dsn: str, spans: list[Any], batch_size: int) -> float:
+    """Seconds from handing the first span to the processor until every row is committed."""
+    with tempfile.TemporaryDirectory() as spool:
+        writer = PostgresSpanProcessor(dsn, batch_size=batch_size, spool_dir=spool, flush_interval=0.05)
+        try:
+            start = time.perf_counter()
+            for span in spans:
+                writer.on_end(span)
+            assert writer.force_flush(600_000)
+            return time.perf_counter() - start
+        finally:
+            writer.shutdown()
+
+
+def _rows(spans: list[Any]) -> tuple[str, list[list[Any]]]:
+    from datetime import UTC, datetime
+
+    from psycopg.types.json import Jsonb
+
+    rows = [tool_invocation_row(s) for s in spans if classify(s) == "tool"]
+    for row in rows:
+        row["invoked_at"] = datetime.fromtimestamp(row.pop("invoked_at_ns") / 1e9, UTC)
+        row["metadata"] = Jsonb(row["metadata"])
+    return rows[0]["execution_id"], [[r[c] for c in TOOL_COLUMNS] for r in rows]
+
+
+def raw_copy(dsn: str, spans: list[Any]) -> float:
+    """Seconds for one COPY of the same rows (already translated: the floor for any writer)."""
+    execution_id, rows = _rows(spans)
+    with psycopg.connect(dsn) as conn:
+        conn.execute("INSERT INTO executions (execution_id) VALUES (%s)", (execution_id,))
+        conn.commit()
+        start = time.perf_counter()
+        statement = f"COPY tool_invocation_traces ({', '.join(TOOL_COLUMNS)}) FROM STDIN"
+        with conn.cursor() as cur, cur.copy(statement) as cp:
+            for row in rows:
+                cp.write_row(row)
+        conn.commit()
+        return time.perf_counter() - start
+
+
+def insert_per_transaction(dsn: str, spans: list[Any], limit: int) -> tuple[float, int]:
+    """ROMA's way: one INSERT per row, one transaction each. Returns (seconds, rows)."""
+    execution_id, rows = _rows(spans)
+    rows = rows[:limit]
+    sql = (
+        f"INSERT INTO tool_invocation_traces ({', '.join(TOOL_COLUMNS)}) "
+        f"VALUES ({', '.join(['%s'] * len(TOOL_COLUMNS))})"
+    )
+    with psycopg.connect(dsn) as conn:
+        conn.execute("INSERT INTO executions (execution_id) VALUES (%s)", (execution_id,))
+        conn.commit()
+        start = time.perf_counter()
+        for row in rows:
+            conn.execute(sql, row)
+            conn.commit()
+        return time.perf_counter() - start, len(rows)
+
+
+def app_overhead(dsn: str, calls: int, rounds: int) -> tuple[float, float]:
+    """Median µs per instrumented tool call with the writer off and on, interleaved."""
+    results: dict[bool, list[float]] = {False: [], True: []}
+    tool = Bench()
+    for _, writer_on in itertools.product(range(rounds), (False, True)):
+        provider = TracerProvider()
+        config = default_config()
+        if writer_on:
+            config.storage.postgres.enabled = True
+            config.storage.postgres.connection_url = dsn
+        inst = roma_otel.RomaInstrumentor()
+        inst.instrument(
+            tracer_provider=provider, meter_provider=MeterProvider(metric_readers=[InMemoryMetricReader()]),
+            config=config,
+        )  # fmt: skip
+        try:
+            with roma_otel.execution("overhead"):
+                for i in range(100):
+                    tool.lookup(str(i))
+                start = time.perf_counter()
+                for i in range(calls):
+                    tool.lookup(str(i))
+                results[writer_on].append((time.perf_counter() - start) / calls * 1e6)
+        finally:
+            inst.uninstrument()
+            provider.shutdown()
+        reset(dsn)
+    return statistics.median(results[False]), statistics.median(results[True])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--insert-rows", type=int, default=2_000, help="rows for the slow INSERT-per-transaction loop")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dsn")
+    args = parser.parse_args(argv)
+
+    server = None
+    dsn = args.dsn
+    if dsn is None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        from pgserver import PostgresServer, find_bindir, wait_ready
+
+        bindir = find_bindir()
+        if bindir is None:
+            print("no PostgreSQL server binaries found; pass --dsn", file=sys.stderr)
+            return 2
+        server = PostgresServer(bindir).start()
+        dsn = server.dsn
+        wait_ready(dsn)
+    try:
+        upgrade(dsn)
+        spans = make_spans(args.rows)
+        writer_s, copy_s, insert_s = [], [], []
+        for _ in range(args.rounds):
+            reset(dsn)
+            writer_s.append(ingest_writer(dsn, spans, args.batch_size))
+            assert count(dsn) == args.rows, count(dsn)
+            reset(dsn)
+            copy_s.append(raw_copy(dsn, spans))
+            reset(dsn)
+            seconds, n = insert_per_transaction(dsn, spans, args.insert_rows)
+            insert_s.append(seconds / n)
+            reset(dsn)
+        writer_rate = args.rows / statistics.median(writer_s)
+        copy_rate = args.rows / statistics.median(copy_s)
+        insert_rate = 1 / statistics.median(insert_s)
+        off, on = app_overhead(dsn, 5_000, args.rounds)
+        print(f"rows={args.rows} batch_size={args.batch_size} rounds={args.rounds} (medians)")
+        print("| path | rows/s |")
+        print("|---|---:|")
+        print(f"| roma-otel writer, span end → committed row | {writer_rate:,.0f} |")
+        print(f"| raw COPY of the same (pre-translated) rows | {copy_rate:,.0f} |")
+        print(f"| one INSERT per transaction ({args.insert_rows} rows) | {insert_rate:,.0f} |")
+        print(f"\nwriter / raw COPY = {writer_rate / copy_rate:.2f} (target ≥ 0.8)")
+        print(f"writer / INSERT-per-transaction = {writer_rate / insert_rate:.1f}")
+        print(f"app thread, instrumented tool call: writer off {off:.1f} µs, on {on:.1f} µs, "
+              f"ratio {on / off:.3f} (target ≤ 1.1)")  # fmt: skip
+    finally:
+        if server is not None:
+            server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
