@@ -49,6 +49,35 @@ def _db(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import ipaddress
+    import os
+
+    try:
+        import uvicorn
+
+        from roma_otel.api import TOKEN_ENV, create_app
+        from roma_otel.storage.migrate import resolve_database_url
+    except ImportError as exc:
+        print(f"roma-otel: error: {exc}; install roma-otel[api]", file=sys.stderr)
+        return 2
+    url = resolve_database_url(args.url)
+    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV)
+    if token is not None and not token.strip():
+        token = None
+    try:
+        public = not ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        public = args.host != "localhost"
+    if public and token is None:
+        print(
+            f"roma-otel: warning: serving on {args.host} without authentication; set {TOKEN_ENV} or --token",
+            file=sys.stderr,
+        )
+    uvicorn.run(create_app(url, token=token), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="roma-otel", description="OpenTelemetry for DSPy and ROMA agents.")
     parser.add_argument("--version", action="version", version=f"roma-otel {__version__}")
@@ -89,6 +118,23 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (upgrade, downgrade, current):
         command.add_argument("--url", help=url_help)
         command.set_defaults(func=_db)
+
+    serve = sub.add_parser("serve", help="serve the REST API over the PostgreSQL tables (FastAPI + uvicorn)")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1, loopback only)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    serve.add_argument("--url", help=url_help)
+    serve.add_argument(
+        "--token",
+        help="require `Authorization: Bearer TOKEN` on every endpoint but /health "
+        "(default: $ROMA_OTEL_API_TOKEN; prefer the variable, command lines are visible to other users)",
+    )
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn log level (default info)",
+    )
+    serve.set_defaults(func=_serve)
     return parser
 
 
