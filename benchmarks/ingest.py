@@ -172,8 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     dsn = args.dsn
     if dsn is None:
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-        from pgserver import PostgresServer, find_bindir, wait_ready
+        from roma_otel.storage.localpg import PostgresServer, find_bindir, wait_ready
 
         bindir = find_bindir()
         if bindir is None:
