@@ -2,8 +2,9 @@
 
 ``on_end`` only classifies the span and appends it to a bounded queue. A daemon worker translates
 batches (``storage.rows``) and writes each batch in one transaction: missing ``executions`` rows first,
-then each table's rows as one JSON document expanded by ``jsonb_to_recordset`` into
-``INSERT ... ON CONFLICT DO NOTHING`` (a retried batch never duplicates), then the finished executions.
+then each table's rows by COPY, then the finished executions. A unique index on the span ids refuses a
+row written before; such a batch (a retry, a spool replay) goes again as one JSON document per table
+expanded by ``jsonb_to_recordset`` into ``INSERT ... ON CONFLICT DO NOTHING``: nothing is duplicated.
 When Postgres is unreachable, batches are retried with backoff and spooled to local files, replayed in
 order when it comes back; a clean
 shutdown flushes within a bounded timeout and spools the rest. Anything dropped is counted and logged once.
@@ -12,11 +13,13 @@ shutdown flushes within a bounded timeout and spools the rest. Anything dropped 
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import logging
 import os
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -92,10 +95,88 @@ def default_spool_dir() -> Path:
     return Path(os.environ.get("ROMA_OTEL_SPOOL_DIR") or Path.home() / ".roma-otel" / "spool")
 
 
+# --- COPY text format: the fast path ------------------------------------------------------------------
+# One hand-written line formatter per table (about 3 µs a row, a third of a generic per-value formatter);
+# the column lists come from the same record definitions as the ON CONFLICT path, and the writer tests
+# read back every column written each way.
+def _esc(text: str) -> str:
+    # Most values need no escaping; four substring scans in C are far cheaper than a per-character map.
+    if "\\" in text or "\t" in text or "\n" in text or "\r" in text:
+        return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    return text
+
+
+def _t(value: Any) -> str:
+    return "\\N" if value is None else _esc(str(value))
+
+
+def _n(value: Any) -> str:
+    return "\\N" if value is None else repr(value) if isinstance(value, float) else str(value)
+
+
+_last_second: tuple[int, str] = (-1, "")  # rows of a batch share seconds: format each second once
+
+
+def _ts(ns: int) -> str:
+    global _last_second
+    second, rest = divmod(ns, 1_000_000_000)
+    cached = _last_second  # one tuple read and one write: safe with several writers in the process
+    if cached[0] != second:
+        cached = _last_second = (second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%d %H:%M:%S"))
+    return f"{cached[1]}.{rest // 1000:06d}+00"
+
+
+def _j(value: Any) -> str:
+    return _esc(_ENCODER.encode(value))
+
+
+def _lm_line(r: dict[str, Any]) -> str:
+    return (
+        f"{_t(r['execution_id'])}\t{r['otel_trace_id']}\t{r['span_id']}\t{_t(r['parent_span_id'])}\t"
+        f"{_t(r['task_id'])}\t{r['depth']}\t{_t(r['module_name'])}\t{_t(r['model'])}\t{_ts(r['created_at_ns'])}\t"
+        f"{_n(r['prompt_tokens'])}\t{_n(r['completion_tokens'])}\t{_n(r['total_tokens'])}\t{_n(r['cost_usd'])}\t"
+        f"{_t(r['cost_source'])}\t{r['latency_ms']!r}\t{'t' if r['cache_hit'] else 'f'}\t{_t(r['error'])}\t"
+        f"{_j(r['metadata'])}"
+    )
+
+
+def _tool_line(r: dict[str, Any]) -> str:
+    return (
+        f"{_t(r['execution_id'])}\t{_t(r['toolkit_class'])}\t{_t(r['tool_name'])}\t{_ts(r['invoked_at_ns'])}\t"
+        f"{r['duration_ms']!r}\t{r['input_size_bytes']}\t{r['output_size_bytes']}\t{'t' if r['success'] else 'f'}\t"
+        f"{_t(r['error'])}\t{_j(r['metadata'])}"
+    )
+
+
+def _toolkit_line(r: dict[str, Any]) -> str:
+    return (
+        f"{_t(r['execution_id'])}\t{_ts(r['timestamp_ns'])}\t{_t(r['operation'])}\t{_t(r['toolkit_class'])}\t"
+        f"{r['duration_ms']!r}\t{'t' if r['success'] else 'f'}\t{_t(r['error'])}\t{_j(r['metadata'])}"
+    )
+
+
+def _columns(record: str) -> str:
+    return ", ".join(item.split(" ")[0].removesuffix("_ns") for item in record.split(", "))
+
+
+_COPIES = (
+    ("lm", "lm_traces", _columns(_LM_RECORD), _lm_line),
+    ("tools", "tool_invocation_traces", _columns(_TOOL_RECORD), _tool_line),
+    ("toolkit", "toolkit_traces", _columns(_TOOLKIT_RECORD), _toolkit_line),
+)
+
+
+_COPY_CHUNK = 200  # rows per COPY write
+
+
 def _json_default(value: Any) -> Any:
     if hasattr(value, "isoformat"):
         return value.isoformat()
     return str(value)
+
+
+# One encoder, built once: json.dumps(..., default=...) builds a new one per call (~3 µs per row here).
+_ENCODER = json.JSONEncoder(default=_json_default)
 
 
 class PostgresSpanProcessor(SpanProcessor):
@@ -291,18 +372,40 @@ class PostgresSpanProcessor(SpanProcessor):
         return self._conn
 
     def _write(self, batch: Batch) -> None:
+        """Write one batch in one transaction: COPY straight into the tables when none of its rows is
+        there yet (the normal case), else, after the unique index refuses a duplicate (a retried or
+        replayed batch), the same rows through INSERT ... ON CONFLICT DO NOTHING."""
+        from psycopg import errors
+
+        try:
+            self._write_once(batch, fast=True)
+        except errors.UniqueViolation:
+            self._write_once(batch, fast=False)
+        self.written_rows += len(batch)
+
+    def _write_once(self, batch: Batch, *, fast: bool) -> None:
         conn = self._connection()
         with conn.transaction(), conn.cursor() as cur:
             # Parents first: every row's execution exists before its children arrive (they end first).
             if batch.executions:
                 cur.execute(_EXECUTIONS_FIRST_SEEN, (json.dumps(list(batch.executions.values())),))
-            for attr, statement in _STATEMENTS:
-                rows = getattr(batch, attr)
-                if rows:
-                    cur.execute(statement, (json.dumps(rows, default=_json_default),))
+            if fast:
+                for attr, table, columns, line in _COPIES:
+                    chunks = batch.iter_rows(attr, _COPY_CHUNK)
+                    first = next(chunks, None)
+                    if first is None:
+                        continue
+                    with cur.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
+                        # Translating and formatting chunk k+1 overlaps Postgres indexing chunk k.
+                        for rows in itertools.chain((first,), chunks):
+                            copy.write(("\n".join(map(line, rows)) + "\n").encode())
+            else:
+                for attr, statement in _STATEMENTS:
+                    rows = batch.rows(attr)
+                    if rows:
+                        cur.execute(statement, (_ENCODER.encode(rows),))
             if batch.finals:
-                cur.execute(_EXECUTIONS_FINAL, (json.dumps(batch.finals, default=_json_default),))
-        self.written_rows += len(batch)
+                cur.execute(_EXECUTIONS_FINAL, (_ENCODER.encode(batch.finals),))
 
     # --- spool ----------------------------------------------------------------------------------------
     def _spool_files(self) -> list[Path]:

@@ -8,7 +8,7 @@ table and batch, and the spool stores as is. Rows carry the span's trace and spa
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -215,37 +215,77 @@ def execution_final(span: Any, attrs: dict[str, Any] | None = None) -> dict[str,
     }
 
 
+_CHILD_TABLES = ("lm", "tools", "toolkit")
+
+
 @dataclass
 class Batch:
-    """Rows of one write, in the order they must be written (parents before children, then finals)."""
+    """Rows of one write, in the order they must be written (parents before children, then finals).
+
+    Child rows (LM calls, tool invocations, lifecycle events) are translated on demand: the writer
+    streams them into COPY chunk by chunk, so Postgres indexes one chunk while the next is translated.
+    """
 
     executions: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> first-seen row
-    lm: list[dict[str, Any]] = field(default_factory=list)
-    tools: list[dict[str, Any]] = field(default_factory=list)
-    toolkit: list[dict[str, Any]] = field(default_factory=list)
     finals: list[dict[str, Any]] = field(default_factory=list)  # execution rows with end figures and dag
+    _rows: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: {t: [] for t in _CHILD_TABLES})
+    _spans: dict[str, list[tuple[Any, dict[str, Any]]]] = field(default_factory=lambda: {t: [] for t in _CHILD_TABLES})
+
+    def add(self, table: str, span: Any, attrs: dict[str, Any]) -> None:
+        self._spans[table].append((span, attrs))
+
+    def rows(self, table: str) -> list[dict[str, Any]]:
+        """All rows of a child table (translating whatever is still pending)."""
+        for _ in self.iter_rows(table, 1 << 30):
+            pass
+        return self._rows[table]
+
+    def iter_rows(self, table: str, size: int) -> Iterator[list[dict[str, Any]]]:
+        """The table's rows in chunks of ``size``, translating pending spans as it goes (and keeping them)."""
+        done = self._rows[table]
+        for start in range(0, len(done), size):
+            yield done[start : start + size]
+        pending, build = self._spans[table], _BUILDERS[table]
+        while pending:
+            chunk = [build(span, attrs) for span, attrs in pending[:size]]
+            del pending[:size]
+            done.extend(chunk)
+            yield chunk
+
+    @property
+    def lm(self) -> list[dict[str, Any]]:
+        return self.rows("lm")
+
+    @property
+    def tools(self) -> list[dict[str, Any]]:
+        return self.rows("tools")
+
+    @property
+    def toolkit(self) -> list[dict[str, Any]]:
+        return self.rows("toolkit")
 
     def __len__(self) -> int:
-        return len(self.lm) + len(self.tools) + len(self.toolkit) + len(self.finals)
+        children = sum(len(self._rows[t]) + len(self._spans[t]) for t in _CHILD_TABLES)
+        return children + len(self.finals)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "executions": list(self.executions.values()),
-            "lm": self.lm,
-            "tools": self.tools,
-            "toolkit": self.toolkit,
+            **{t: self.rows(t) for t in _CHILD_TABLES},
             "finals": self.finals,
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Batch:
-        batch = cls(
-            lm=data.get("lm", []), tools=data.get("tools", []), toolkit=data.get("toolkit", []),
-            finals=data.get("finals", []),
-        )  # fmt: skip
+        batch = cls(finals=data.get("finals", []))
+        for table in _CHILD_TABLES:
+            batch._rows[table] = list(data.get(table, []))
         for row in data.get("executions", []):
             batch.executions[row["execution_id"]] = row
         return batch
+
+
+_BUILDERS = {"lm": lm_row, "tools": tool_invocation_row, "toolkit": toolkit_row}
 
 
 def to_batch(
@@ -267,13 +307,13 @@ def to_batch(
                 "otel_trace_id": _hex_trace(span),
             }
         if kind == LM:
-            batch.lm.append(lm_row(span, attrs))
+            batch.add("lm", span, attrs)
         elif kind == TOOL:
             if persist_toolkit:
-                batch.tools.append(tool_invocation_row(span, attrs))
+                batch.add("tools", span, attrs)
         elif kind == TOOLKIT:
             if persist_toolkit:
-                batch.toolkit.append(toolkit_row(span, attrs))
+                batch.add("toolkit", span, attrs)
         elif kind == NODE:
             nodes.setdefault(execution_id, []).append(dag_node(span, attrs))
         elif kind == ROOT:
