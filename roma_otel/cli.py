@@ -1,4 +1,4 @@
-"""The ``roma-otel`` command line: ``roma-otel demo`` and ``roma-otel db upgrade|downgrade|current``."""
+"""The ``roma-otel`` command line: ``demo``, ``report EXECUTION_ID``, ``db upgrade|downgrade|current`` and ``serve``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from roma_otel.config import ConfigError
+from roma_otel.report import DEFAULT_SLOWEST
 from roma_otel.version import __version__
 
 
@@ -21,7 +22,35 @@ def _demo(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         keep_serving=args.keep_serving,
+        url=args.url,
+        postgres=not args.no_postgres,
     )
+
+
+def _report(args: argparse.Namespace) -> int:
+    try:
+        from roma_otel.report import DatabaseUnavailableError, ExecutionNotFoundError, fetch_report
+        from roma_otel.storage.migrate import resolve_database_url
+    except ImportError as exc:
+        print(f"roma-otel: error: {exc}; install roma-otel[postgres]", file=sys.stderr)
+        return 2
+    try:
+        text = fetch_report(resolve_database_url(args.url), args.execution_id, slowest=args.slowest)
+    except ExecutionNotFoundError as exc:
+        print(f"roma-otel: error: {exc}", file=sys.stderr)
+        return 1
+    except DatabaseUnavailableError as exc:
+        print(f"roma-otel: error: {exc}", file=sys.stderr)
+        return 2
+    print(text)
+    return 0
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def _db(args: argparse.Namespace) -> int:
@@ -90,9 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-depth", type=int, default=2, help="maximum task-tree depth (default 2)")
     demo.add_argument("--async", dest="use_async", action="store_true", help="run the async solver")
     demo.add_argument("--host", default="127.0.0.1", help="Prometheus endpoint host (default 127.0.0.1)")
-    demo.add_argument(
-        "--port", type=int, default=9464, help="Prometheus endpoint port (default 9464, 0 = any)"
-    )
+    demo.add_argument("--port", type=int, default=9464, help="Prometheus endpoint port (default 9464, 0 = any)")
     demo.add_argument(
         "--keep-serving",
         type=float,
@@ -100,8 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
         const=0.0,
         default=None,
         metavar="SECONDS",
-        help="keep the metrics endpoint up after the run (for SECONDS, or until Ctrl-C without a value)",
+        help="keep the metrics endpoint (and a throwaway PostgreSQL) up after the run "
+        "(for SECONDS, or until Ctrl-C without a value)",
     )
+    demo.add_argument(
+        "--url",
+        help="persist the run into this database, postgresql://... (default: $ROMA_OTEL_DATABASE_URL, "
+        "$DATABASE_URL, then storage.postgres.connection_url from the config file; with none, a throwaway "
+        "local server when PostgreSQL is installed)",
+    )
+    demo.add_argument("--no-postgres", action="store_true", help="do not persist the run into PostgreSQL")
     demo.set_defaults(func=_demo)
 
     db = sub.add_parser("db", help="migrate the PostgreSQL schema (roma-otel's packaged Alembic migrations)")
@@ -135,6 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="uvicorn log level (default info)",
     )
     serve.set_defaults(func=_serve)
+
+    report = sub.add_parser("report", help="print an execution's tree, cost and slowest tool calls from PostgreSQL")
+    report.add_argument("execution_id", metavar="EXECUTION_ID", help="the execution to show")
+    report.add_argument("--url", help=url_help)
+    report.add_argument(
+        "--slowest",
+        type=_count,
+        default=DEFAULT_SLOWEST,
+        metavar="N",
+        help=f"how many of the slowest tool calls to list (default {DEFAULT_SLOWEST})",
+    )
+    report.set_defaults(func=_report)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""`roma-otel demo`: the project's main job, run as a user runs it."""
+"""`roma-otel demo`: the project's main job, run as a user runs it, with and without PostgreSQL persistence."""
 
 from __future__ import annotations
 
@@ -10,17 +10,49 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psycopg
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from roma_otel.cli import main
-from roma_otel.report import build_tree, render_tree
+from roma_otel.report import build_tree, fetch_report, render_tree
+from roma_otel.storage.localpg import find_bindir
 
 ROOT = Path(__file__).resolve().parent.parent
+URL_VARS = ("ROMA_OTEL_DATABASE_URL", "DATABASE_URL", "ROMA_OTEL_CONFIG")
+
+
+def needs_server_binaries() -> None:
+    if find_bindir() is None:
+        message = "PostgreSQL server binaries (initdb, pg_ctl) not found; scripts/setup.sh installs them"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def no_database_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in URL_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+def rows(dsn: str, sql: str, *params: object) -> list[tuple]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def is_down(dsn: str) -> bool:
+    try:
+        psycopg.connect(dsn, connect_timeout=2).close()
+    except psycopg.OperationalError:
+        return True
+    return False
 
 
 def test_demo_prints_tree_tools_and_metrics(capsys) -> None:
-    assert main(["demo", "--port", "0"]) == 0
+    assert main(["demo", "--port", "0", "--no-postgres"]) == 0
     out = capsys.readouterr().out
+    assert "  Postgres persistence: off (--no-postgres)\n" in out
+    assert "Report, from the run's spans:" in out and "read back from Postgres" not in out
     assert "Execution tree" in out
     # one line per role, with LM calls, tokens and cost
     for role in ("atomizer", "planner", "executor", "aggregator"):
@@ -33,26 +65,75 @@ def test_demo_prints_tree_tools_and_metrics(capsys) -> None:
     # total cost on the execution line equals the sum of the per-role lines
     execution_cost = float(re.search(r"^execution .*?\$(\d+\.\d+)", out, re.M).group(1))
     role_costs = [
-        float(c)
-        for c in re.findall(r"^[│ ├└─]*(?:atomizer|planner|executor|aggregator)\s.*?\$(\d+\.\d+)", out, re.M)
+        float(c) for c in re.findall(r"^[│ ├└─]*(?:atomizer|planner|executor|aggregator)\s.*?\$(\d+\.\d+)", out, re.M)
     ]
     assert execution_cost > 0 and abs(execution_cost - sum(role_costs)) < 5e-6
 
 
+def test_demo_persists_into_the_configured_database(pg_dsn: str, capsys, monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("ROMA_OTEL_SPOOL_DIR", str(tmp_path))  # the user's spool stays out of this database
+    assert main(["demo", "--url", pg_dsn, "--port", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "  Postgres: writing to " in out
+    execution_id = re.search(r"^Execution id: (\w+)$", out, re.M).group(1)
+    assert f"Report, read back from Postgres (`roma-otel report {execution_id}`):" in out
+    assert rows(pg_dsn, "SELECT status, total_tasks FROM executions WHERE execution_id = %s", execution_id) == [
+        ("completed", 3)
+    ]
+    (lm_calls,) = rows(pg_dsn, "SELECT count(*) FROM lm_traces WHERE execution_id = %s", execution_id)[0]
+    (tool_calls,) = rows(pg_dsn, "SELECT count(*) FROM tool_invocation_traces WHERE execution_id = %s", execution_id)[0]
+    assert lm_calls == 13 and tool_calls == 4
+    assert fetch_report(pg_dsn, execution_id) in out  # exactly what `roma-otel report` prints
+    assert re.search(rf"^execution {execution_id[:8]} .* — 13 LM calls, ", out, re.M)
+
+
+def test_demo_without_a_database_url_uses_a_throwaway_server(capsys, monkeypatch) -> None:
+    needs_server_binaries()
+    no_database_configured(monkeypatch)
+    assert main(["demo", "--port", "0", "--max-depth", "1"]) == 0
+    out = capsys.readouterr().out
+    dsn = re.search(r"^  Postgres: throwaway server (\S+) \(stopped at exit\)$", out, re.M).group(1)
+    execution_id = re.search(r"^Execution id: (\w+)$", out, re.M).group(1)
+    assert f"Report, read back from Postgres (`roma-otel report {execution_id}`):\n\nExecution {execution_id}\n" in out
+    assert re.search(r"^[│ ├└─]+executor\s+\d+ LM calls\s+\d+ tok", out, re.M)
+    assert "Slowest tool calls (" in out
+    assert is_down(dsn)  # stopped at exit
+
+
+def test_demo_without_server_binaries_says_why_and_carries_on(capsys, monkeypatch) -> None:
+    no_database_configured(monkeypatch)
+    monkeypatch.setattr("roma_otel.storage.localpg.find_bindir", lambda: None)
+    assert main(["demo", "--port", "0", "--max-depth", "1"]) == 0
+    out = capsys.readouterr().out
+    (line,) = [line for line in out.splitlines() if "Postgres" in line and "skipped" in line]
+    assert "no database URL configured" in line and "no PostgreSQL server binaries" in line
+    assert "Report, from the run's spans:" in out and "Status: completed" in out
+
+
+def test_demo_with_an_unreachable_database_is_a_clear_error(capsys) -> None:
+    assert main(["demo", "--url", "postgresql://nobody:secret@127.0.0.1:1/nowhere", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("roma-otel: error: cannot migrate PostgreSQL at postgresql://nobody:***@127.0.0.1:1/nowhere")
+    assert "--no-postgres" in err and "secret" not in err
+
+
 def test_demo_async_path(capsys) -> None:
-    assert main(["demo", "--port", "0", "--async", "--max-depth", "1"]) == 0
+    assert main(["demo", "--port", "0", "--async", "--max-depth", "1", "--no-postgres"]) == 0
     out = capsys.readouterr().out
     assert "Status: completed" in out and "executor" in out
 
 
 def test_demo_keeps_serving_for_scrapes(tmp_path: Path) -> None:
-    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONUNBUFFERED": "1"}
+    """Metrics and the throwaway PostgreSQL stay up while serving; SIGTERM still stops the server."""
+    needs_server_binaries()
+    env = {k: v for k, v in os.environ.items() if k not in URL_VARS}
+    env.update(LITELLM_LOCAL_MODEL_COST_MAP="True", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "roma_otel.cli", "demo", "--port", "0", "--keep-serving", "60"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
-        url = None
+        url = dsn = execution_id = None
         deadline = time.monotonic() + 90
         lines = []
         while time.monotonic() < deadline and url is None:
@@ -62,7 +143,12 @@ def test_demo_keeps_serving_for_scrapes(tmp_path: Path) -> None:
             lines.append(line)
             if match := re.search(r"Serving metrics at (http://\S+/metrics)", line):
                 url = match.group(1)
-        assert url, "".join(lines)
+            elif match := re.search(r"PostgreSQL \(throwaway\) stays up while serving, at (\S+)", line):
+                dsn = match.group(1)
+            elif match := re.search(r"^Execution id: (\w+)$", line):
+                execution_id = match.group(1)
+        assert url and dsn and execution_id, "".join(lines)
+        assert rows(dsn, "SELECT execution_id, status FROM executions") == [(execution_id, "completed")]
         text = urllib.request.urlopen(url, timeout=5).read().decode()
         samples = {s.name for fam in text_string_to_metric_families(text) for s in fam.samples}
         assert {
@@ -74,6 +160,7 @@ def test_demo_keeps_serving_for_scrapes(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    assert is_down(dsn)  # SIGTERM ran the cleanup
 
 
 def test_busy_port_is_a_clear_error(capsys) -> None:
@@ -83,7 +170,7 @@ def test_busy_port_is_a_clear_error(capsys) -> None:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         port = sock.getsockname()[1]
-        assert main(["demo", "--port", str(port)]) == 2
+        assert main(["demo", "--port", str(port), "--no-postgres"]) == 2
     assert "observability.prometheus" in capsys.readouterr().err
 
 
@@ -98,7 +185,6 @@ def test_tree_sums_lm_spans(tel) -> None:
     lm_spans = [s for s in tel.spans() if s.name.startswith("chat ")]
     assert calls == len(lm_spans) and unknown == 0
     assert tokens == sum(
-        s.attributes["gen_ai.usage.input_tokens"] + s.attributes["gen_ai.usage.output_tokens"]
-        for s in lm_spans
+        s.attributes["gen_ai.usage.input_tokens"] + s.attributes["gen_ai.usage.output_tokens"] for s in lm_spans
     )
     assert "execution" in render_tree(roots)
