@@ -24,6 +24,8 @@ def _demo(args: argparse.Namespace) -> int:
         keep_serving=args.keep_serving,
         url=args.url,
         postgres=not args.no_postgres,
+        repeat=args.repeat,
+        interval=args.interval,
     )
 
 
@@ -120,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--async", dest="use_async", action="store_true", help="run the async solver")
     demo.add_argument("--host", default="127.0.0.1", help="Prometheus endpoint host (default 127.0.0.1)")
     demo.add_argument("--port", type=int, default=9464, help="Prometheus endpoint port (default 9464, 0 = any)")
+    demo.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run the agent N times (metrics accumulate, so Prometheus sees rates); the report shows the last run",
+    )
+    demo.add_argument("--interval", type=float, default=0.0, metavar="SECONDS", help="pause between repeated runs")
     demo.add_argument(
         "--keep-serving",
         type=float,

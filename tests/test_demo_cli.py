@@ -82,9 +82,9 @@ def test_demo_persists_into_the_configured_database(pg_dsn: str, capsys, monkeyp
     ]
     (lm_calls,) = rows(pg_dsn, "SELECT count(*) FROM lm_traces WHERE execution_id = %s", execution_id)[0]
     (tool_calls,) = rows(pg_dsn, "SELECT count(*) FROM tool_invocation_traces WHERE execution_id = %s", execution_id)[0]
-    assert lm_calls == 13 and tool_calls == 4
+    assert lm_calls == 15 and tool_calls == 6  # per executor: search, a refused and a good calculation
     assert fetch_report(pg_dsn, execution_id) in out  # exactly what `roma-otel report` prints
-    assert re.search(rf"^execution {execution_id[:8]} .* — 13 LM calls, ", out, re.M)
+    assert re.search(rf"^execution {execution_id[:8]} .* — 15 LM calls, ", out, re.M)
 
 
 def test_demo_without_a_database_url_uses_a_throwaway_server(capsys, monkeypatch) -> None:
@@ -188,3 +188,23 @@ def test_tree_sums_lm_spans(tel) -> None:
         s.attributes["gen_ai.usage.input_tokens"] + s.attributes["gen_ai.usage.output_tokens"] for s in lm_spans
     )
     assert "execution" in render_tree(roots)
+
+
+def test_demo_repeat_accumulates_metrics_with_failures_and_toolkit_cache(capsys) -> None:
+    from roma_otel.demo.agent import TOOLKITS
+
+    TOOLKITS.clear()  # earlier tests in this process may have created the toolkits already
+    assert main(["demo", "--port", "0", "--no-postgres", "--repeat", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "run 1/2: completed" in out and "run 2/2: completed" in out
+    # two runs x two executors x two calculator calls, half of them refused (the currency in the expression)
+    assert 'tool_invocations_total{tool_name="evaluate",toolkit_class="CalculatorToolkit"} 8.0' in out
+    failed = (
+        'tool_invocations_failed_total{error_type="ValueError",tool_name="evaluate",toolkit_class="CalculatorToolkit"}'
+    )
+    assert f"{failed} 4.0" in out
+    # the toolkits are created once and served from the cache afterwards
+    lifecycle = 'toolkit_lifecycle_events_total{{operation="{}",success="true",toolkit_class="CalculatorToolkit"}}'
+    assert f"{lifecycle.format('create')} 1.0" in out
+    assert re.search(re.escape(lifecycle.format("cache_hit")) + r" [1-9]", out)
+    assert 'executions_total{status="completed"} 2.0' in out

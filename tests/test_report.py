@@ -102,17 +102,20 @@ def test_report_of_a_demo_run_matches_the_rows(persisting, migrated: str, capsys
     )
 
     # the three slowest tool calls, longest first
-    section = out.split("Slowest tool calls (3 of 4):\n", 1)[1].splitlines()[2:5]
+    (total_tools,) = rows(
+        migrated, "SELECT count(*) FROM tool_invocation_traces WHERE execution_id = %s", execution_id
+    )[0]
+    section = out.split(f"Slowest tool calls (3 of {total_tools}):\n", 1)[1].splitlines()[2:5]
     listed = [(line.split()[0], float(line.split()[1]), line.split()[2]) for line in section]
     durations = [d for _, d, _ in listed]
     assert durations == sorted(durations, reverse=True)
     slowest = rows(
         migrated,
-        "SELECT toolkit_class || '.' || tool_name, duration_ms FROM tool_invocation_traces WHERE execution_id = %s "
-        "ORDER BY duration_ms DESC LIMIT 3",
+        "SELECT toolkit_class || '.' || tool_name, duration_ms, success FROM tool_invocation_traces "
+        "WHERE execution_id = %s ORDER BY duration_ms DESC LIMIT 3",
         execution_id,
     )
-    assert [(n, round(d, 2), "yes") for n, d in slowest] == listed
+    assert [(n, round(d, 2), "yes" if ok else "no") for n, d, ok in slowest] == listed
 
     # the demo's span path renders the very same report
     assert fetch_report(migrated, execution_id, slowest=3) == report_from_spans(persisting.spans(), slowest=3)

@@ -10,6 +10,8 @@ import asyncio
 import contextvars
 import json
 import re
+import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -17,7 +19,7 @@ from typing import Any
 
 import dspy
 
-from roma_otel import execution, task
+from roma_otel import execution, record_toolkit_event, task, toolkit_operation
 from roma_otel.demo.offline_lm import ChatPrompt, OfflineLM, field_responder, parse_python_list
 from roma_otel.demo.toolkits import CalculatorToolkit, DocSearchToolkit, tool_methods
 
@@ -102,20 +104,62 @@ class Planner(dspy.Module):
         return await self.plan.acall(goal=goal)
 
 
-class Executor(dspy.Module):
-    """Solves an atomic goal with a ReAct loop over the toolkits' tools."""
+class ToolkitCache:
+    """Keeps one instance per toolkit class across runs, as ROMA's ToolkitManager does, and records the
+    lifecycle: cache_miss and create the first time a toolkit is asked for, cache_hit afterwards."""
 
-    def __init__(self, tools: list[Callable[..., Any]] | None = None, max_iters: int = 4) -> None:
+    def __init__(self) -> None:
+        self._instances: dict[type, Any] = {}
+        self._lock = threading.Lock()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._instances.clear()
+
+    def get(self, toolkit_class: type) -> Any:
+        name = toolkit_class.__name__
+        start = time.perf_counter()
+        with self._lock:
+            instance = self._instances.get(toolkit_class)
+            if instance is not None:
+                record_toolkit_event("cache_hit", name, duration_ms=(time.perf_counter() - start) * 1000.0)
+                return instance
+            record_toolkit_event("cache_miss", name, duration_ms=(time.perf_counter() - start) * 1000.0)
+            with toolkit_operation("create", name):
+                instance = self._instances[toolkit_class] = toolkit_class()
+            return instance
+
+
+TOOLKITS = ToolkitCache()
+_AGENT_LOCK = threading.Lock()
+
+
+class Executor(dspy.Module):
+    """Solves an atomic goal with a ReAct loop over the toolkits' tools.
+
+    Without explicit tools it takes the toolkits from ``TOOLKITS`` when it first runs, so the lookups
+    belong to the execution that needed them.
+    """
+
+    def __init__(self, tools: list[Callable[..., Any]] | None = None, max_iters: int = 5) -> None:
         super().__init__()
-        if tools is None:
-            tools = tool_methods(CalculatorToolkit(), DocSearchToolkit())
-        self.react = dspy.ReAct(ExecuteGoal, tools=tools, max_iters=max_iters)
+        self.max_iters = max_iters
+        self.react = dspy.ReAct(ExecuteGoal, tools=tools, max_iters=max_iters) if tools is not None else None
+
+    def _agent(self) -> dspy.ReAct:
+        # Sibling subtasks run this executor from several threads; build the agent once. The lock is
+        # module-level because a lock attribute would break copy.deepcopy and save() of the module.
+        with _AGENT_LOCK:
+            if self.react is None:
+                tools = tool_methods(TOOLKITS.get(CalculatorToolkit), TOOLKITS.get(DocSearchToolkit))
+                self.react = dspy.ReAct(ExecuteGoal, tools=tools, max_iters=self.max_iters)
+            return self.react
 
     def forward(self, goal: str) -> dspy.Prediction:
-        return self.react(goal=goal)
+        return self._agent()(goal=goal)
 
     async def aforward(self, goal: str) -> dspy.Prediction:
-        return await self.react.acall(goal=goal)
+        return await self._agent().acall(goal=goal)
 
 
 class Aggregator(dspy.Module):
@@ -168,7 +212,7 @@ class DemoSolver(dspy.Module):
         max_depth: int = 2,
         *,
         max_subtasks: int = 3,
-        max_iters: int = 4,
+        max_iters: int = 5,
         tools: list[Callable[..., Any]] | None = None,
         parallel: bool = True,
     ) -> None:
@@ -254,10 +298,7 @@ class DemoSolver(dspy.Module):
             # scopes cannot overwrite one another.
             children = list(
                 await asyncio.gather(
-                    *(
-                        self._asolve_child(sub, depth + 1, f"{task_id}.{i}")
-                        for i, sub in enumerate(subtasks, 1)
-                    )
+                    *(self._asolve_child(sub, depth + 1, f"{task_id}.{i}") for i, sub in enumerate(subtasks, 1))
                 )
             )
             answer = (await self.aggregator.acall(goal=goal, results=[c.answer for c in children])).answer
@@ -283,9 +324,7 @@ class DemoSolver(dspy.Module):
         return SolveResult(goal, str(pred.answer), depth, [], "completed", task_id, trajectory)
 
     @staticmethod
-    def _aggregated(
-        goal: str, depth: int, task_id: str, answer: str, children: list[SolveResult]
-    ) -> SolveResult:
+    def _aggregated(goal: str, depth: int, task_id: str, answer: str, children: list[SolveResult]) -> SolveResult:
         status = "completed" if all(c.status == "completed" for c in children) else "partial"
         return SolveResult(goal, str(answer), depth, children, status, task_id)
 
@@ -318,9 +357,7 @@ def run_demo_agent(
         return DemoSolver(max_depth=max_depth).solve(goal)
 
 
-async def arun_demo_agent(
-    goal: str = DEMO_GOAL, *, lm: dspy.LM | None = None, max_depth: int = 2
-) -> SolveResult:
+async def arun_demo_agent(goal: str = DEMO_GOAL, *, lm: dspy.LM | None = None, max_depth: int = 2) -> SolveResult:
     """Async `run_demo_agent`: sibling subtasks run concurrently."""
     with dspy.context(lm=lm or build_offline_lm()):
         return await DemoSolver(max_depth=max_depth).asolve(goal)
@@ -423,9 +460,20 @@ def _react_step(goal: str, prompt: ChatPrompt) -> dict[str, Any]:
             "next_tool_name": "search_docs",
             "next_tool_args": {"query": re.sub(r"[^\w%]+", " ", goal).strip(), "top_k": 3},
         }
-    if expression and "evaluate" in available and "evaluate" not in called:
+    evaluations = [observation for name, _, observation in _trajectory_steps(prompt) if name == "evaluate"]
+    if expression and "evaluate" in available and not evaluations:
+        # A hasty first attempt keeps the currency in the expression, as real models do; the calculator
+        # refuses it, so the demo shows a failing tool call (and the retry) in its spans and metrics.
+        currency = "EUR" if "eur" in goal.lower() else "USD"
         return {
-            "next_thought": f"The goal involves an amount; I will compute {expression} with the calculator.",
+            "next_thought": f"The goal involves an amount; I will compute {expression} {currency} with the calculator.",
+            "next_tool_name": "evaluate",
+            "next_tool_args": {"expression": f"{expression} {currency}"},
+        }
+    retry = len(evaluations) == 1 and evaluations[0].startswith("Execution error")
+    if expression and "evaluate" in available and retry:
+        return {
+            "next_thought": f"The calculator only takes numbers; I will compute {expression} without the currency.",
             "next_tool_name": "evaluate",
             "next_tool_args": {"expression": expression},
         }

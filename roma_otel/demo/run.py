@@ -191,9 +191,14 @@ def run_demo(
     keep_serving: float | None = None,
     url: str | None = None,
     postgres: bool = True,
+    repeat: int = 1,
+    interval: float = 0.0,
     out: TextIO | None = None,
 ) -> int:
     out = out or sys.stdout
+    if repeat < 1:
+        print(f"roma-otel: error: --repeat must be at least 1, got {repeat}", file=sys.stderr)
+        return 2
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     from roma_otel import load_config
 
@@ -208,7 +213,8 @@ def run_demo(
             cleanup.callback(persist.server.stop)
             cleanup.enter_context(_exit_cleanly_on_sigterm())
         return _run(persist, config, goal=goal, model=model, offline=offline, max_depth=max_depth,
-                    use_async=use_async, host=host, port=port, keep_serving=keep_serving, out=out)  # fmt: skip
+                    use_async=use_async, host=host, port=port, keep_serving=keep_serving, repeat=repeat,
+                    interval=interval, out=out)  # fmt: skip
 
 
 def _run(
@@ -223,6 +229,8 @@ def _run(
     host: str,
     port: int,
     keep_serving: float | None,
+    repeat: int,
+    interval: float,
     out: TextIO,
 ) -> int:
     import dspy
@@ -260,7 +268,17 @@ def _run(
         print(f"roma-otel demo: goal={goal!r}\n  model={lm.model} via {kind}", file=out)
         print(f"  Prometheus metrics: {endpoint.url}", file=out)
         print(f"  {persist.note}\n", file=out, flush=True)
-        result = run_demo_agent(goal, lm=lm, max_depth=max_depth, use_async=use_async)
+        for run in range(1, repeat + 1):
+            if run == repeat:
+                memory.clear()  # the report shows the last run; the metrics keep counting every run
+            started = time.monotonic()
+            result = run_demo_agent(goal, lm=lm, max_depth=max_depth, use_async=use_async)
+            if repeat > 1:
+                print(
+                    f"run {run}/{repeat}: {result.status} in {time.monotonic() - started:.1f} s", file=out, flush=True
+                )
+                if run < repeat and interval > 0:
+                    time.sleep(interval)
         provider.force_flush()
         spans = memory.get_finished_spans()
         execution_id = _execution_id(spans)
