@@ -17,6 +17,19 @@ if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb 
     echo "setup: PostgreSQL server binaries not found and no apt-get to install them" >&2
   fi
 fi
+# The Prometheus tests run promtool and start a throwaway Prometheus server: install Debian's package
+# (/usr/bin/prometheus and /usr/bin/promtool) if promtool is missing. The package's own service is not used.
+if ! command -v promtool >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""
+    [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    echo "setup: installing Prometheus and promtool (apt-get install prometheus)" >&2
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  else
+    echo "setup: promtool not found and no apt-get to install it" >&2
+  fi
+fi
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
