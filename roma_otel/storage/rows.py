@@ -120,7 +120,8 @@ def lm_row(span: Any, attrs: dict[str, Any] | None = None) -> dict[str, Any]:
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": total,
-        "cost_usd": attrs.get(sc.LM_COST_USD),
+        # lm_traces.cost_usd is NUMERIC(14, 8): round here, so a row reads the same before and after storage.
+        "cost_usd": None if (cost := attrs.get(sc.LM_COST_USD)) is None else round(float(cost), 8),
         "cost_source": attrs.get(sc.LM_COST_SOURCE),
         "latency_ms": float(attrs.get(sc.LM_LATENCY_MS, _duration_ms(span))),
         "cache_hit": bool(attrs.get(sc.LM_CACHE_HIT, False)),
