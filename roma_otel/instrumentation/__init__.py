@@ -38,6 +38,11 @@ class RomaInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         return getattr(self, "_endpoint", None)
 
     @property
+    def mlflow_bridge(self) -> Any:
+        """The MLflow bridge roma-otel started (``observability.mlflow.enabled``), or None."""
+        return getattr(self, "_mlflow", None)
+
+    @property
     def telemetry(self) -> telemetry.Telemetry | None:
         return telemetry.ACTIVE
 
@@ -79,6 +84,11 @@ class RomaInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             raise
         self._patcher = patcher
         self._postgres = self._start_postgres(config, tel, kwargs.get("tracer_provider"))
+        self._mlflow = None
+        if config.observability.mlflow.enabled:
+            from roma_otel.mlflow.bridge import start_bridge
+
+            self._mlflow = start_bridge(config, tel, kwargs.get("tracer_provider"), patcher)
         telemetry.ACTIVE = tel
 
     @staticmethod
@@ -117,6 +127,10 @@ class RomaInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         if patcher is not None:
             patcher.restore_all()
             self._patcher = None
+        bridge = getattr(self, "_mlflow", None)
+        if bridge is not None:
+            bridge.shutdown()  # flushes queued runs within its bound; counts the rest as dropped
+            self._mlflow = None
         postgres = getattr(self, "_postgres", None)
         if postgres is not None:
             postgres.shutdown()  # flushes (bounded) and spools the rest; the provider keeps an inert processor

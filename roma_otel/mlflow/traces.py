@@ -1,0 +1,268 @@
+"""Forward each execution's spans to MLflow as one trace, linked to the execution's run.
+
+A span processor gathers roma-otel's spans per execution; the bridge's worker sends them over OTLP/HTTP to a
+tracking server (``/v1/traces`` + ``x-mlflow-experiment-id``) or through MLflow's store API to a local store.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry import trace as trace_api
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+
+from roma_otel import semconv as sc
+from roma_otel.mlflow.groups import COMPILE, current_scope
+from roma_otel.telemetry import SCOPE
+
+__all__ = ["MLflowSpanForwarder", "OtlpTraceSink", "StoreTraceSink", "TraceJob", "mlflow_trace_id", "prepare_spans"]
+
+EXPERIMENT_HEADER = "x-mlflow-experiment-id"
+TRACE_TAG_PREFIX = "mlflow.traceTag."  # root-span attributes MLflow turns into trace tags
+SPAN_TYPE = "mlflow.spanType"
+
+
+def mlflow_trace_id(otel_trace_id: int) -> str:
+    """MLflow's id for the trace of an OTel trace id (``tr-`` + 32 hex digits)."""
+    return "tr-" + trace_api.format_trace_id(otel_trace_id)
+
+
+class _Open:
+    """An execution whose root span has not ended yet, and the spans gathered for it so far."""
+
+    __slots__ = ("closed", "execution_id", "key", "root_id", "spans", "truncated")
+
+    def __init__(self, key: tuple[str, str], root_id: int, execution_id: str) -> None:
+        self.key = key
+        self.root_id = root_id
+        self.execution_id = execution_id
+        self.spans: list[tuple[ReadableSpan, int | None]] = []  # (span, id of its nearest forwarded ancestor)
+        self.closed = False
+        self.truncated = 0
+
+
+@dataclass
+class TraceJob:
+    """The finished spans of one execution; ``key`` names the run the trace is linked to."""
+
+    key: tuple[str, str]
+    execution_id: str
+    spans: list[tuple[ReadableSpan, int | None]]
+    truncated: int = 0
+    sent: bool = False
+    attempts: int = 0
+
+    @property
+    def trace_id(self) -> str:
+        return mlflow_trace_id(self.spans[-1][0].context.trace_id)
+
+
+def _is_execution_root(span: Any) -> bool:
+    scope = span.instrumentation_scope
+    if scope is None or scope.name != SCOPE:
+        return False
+    attrs = span.attributes or {}
+    return span.name == sc.SPAN_EXECUTION or bool(attrs.get(sc.EXECUTION_IMPLICIT))
+
+
+class MLflowSpanForwarder(SpanProcessor):
+    """Gathers roma-otel's spans per execution and submits each finished execution's trace.
+
+    Only spans inside an execution and made by roma-otel are forwarded (a user's or another
+    instrumentation's spans are skipped, and their roma-otel children re-parented to the nearest
+    forwarded ancestor). Executions inside a DSPy ``compile`` are skipped unless ``from_compile``.
+    """
+
+    def __init__(
+        self,
+        submit: Callable[[TraceJob], None],
+        *,
+        from_compile: bool = False,
+        max_spans_per_trace: int = 5000,
+        max_open_spans: int = 200_000,
+    ) -> None:
+        self._submit = submit
+        self.from_compile = from_compile
+        self.max_spans_per_trace = max_spans_per_trace
+        self.max_open_spans = max_open_spans
+        # span id -> (its execution, made by roma-otel, id of its nearest roma-otel ancestor)
+        self._tracked: dict[int, tuple[_Open, bool, int | None]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        if self._closed:
+            return
+        try:
+            parent = span.parent
+            info = self._tracked.get(parent.span_id) if parent is not None else None
+            span_id = span.context.span_id
+            if info is None:
+                if not _is_execution_root(span):
+                    return
+                scope = current_scope(parent_context)
+                if scope is not None and scope.kind == COMPILE and not self.from_compile:
+                    return
+                execution_id = str((span.attributes or {}).get(sc.EXECUTION_ID, ""))
+                key = scope.key if scope is not None else ("execution", execution_id)
+                self._track(span_id, (_Open(key, span_id, execution_id), True, None))
+                return
+            owner, parent_is_ours, parent_anchor = info
+            ours = span.instrumentation_scope is not None and span.instrumentation_scope.name == SCOPE
+            self._track(span_id, (owner, ours, parent.span_id if parent_is_ours else parent_anchor))
+        except Exception:  # a forwarding problem must never reach the program
+            pass
+
+    def _track(self, span_id: int, info: tuple[_Open, bool, int | None]) -> None:
+        if len(self._tracked) >= self.max_open_spans:
+            with self._lock:  # spans that never ended (leaked); forget the oldest half
+                for stale in list(self._tracked)[: self.max_open_spans // 2]:
+                    self._tracked.pop(stale, None)
+        self._tracked[span_id] = info
+
+    def on_end(self, span: ReadableSpan) -> None:
+        try:
+            info = self._tracked.pop(span.context.span_id, None)  # type: ignore[union-attr]
+            if info is None:
+                return
+            owner, ours, anchor = info
+            if not ours or owner.closed:
+                return
+            if span.context.span_id == owner.root_id:  # type: ignore[union-attr]
+                owner.closed = True
+                owner.spans.append((span, None))
+                if not self._closed:
+                    self._submit(TraceJob(owner.key, owner.execution_id, owner.spans, owner.truncated))
+            elif len(owner.spans) < self.max_spans_per_trace:
+                owner.spans.append((span, anchor))
+            else:
+                owner.truncated += 1
+        except Exception:
+            pass
+
+    def shutdown(self) -> None:
+        self._closed = True
+        self._tracked.clear()
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return True
+
+
+def prepare_spans(job: TraceJob, run_id: str | None = None) -> list[ReadableSpan]:
+    """The job's spans as MLflow should get them: the root has no parent and carries the trace tags."""
+    out: list[ReadableSpan] = []
+    for span, anchor in job.spans:
+        ctx = span.context
+        assert ctx is not None
+        if anchor is None:  # the execution's root
+            attrs = dict(span.attributes or {})
+            attrs[SPAN_TYPE] = "AGENT"
+            attrs[TRACE_TAG_PREFIX + "execution_id"] = job.execution_id
+            attrs[TRACE_TAG_PREFIX + "roma_otel.kind"] = job.key[0]
+            if run_id is not None:
+                attrs[TRACE_TAG_PREFIX + "mlflow_run_id"] = run_id
+            if job.truncated:
+                attrs[TRACE_TAG_PREFIX + "roma_otel.truncated_spans"] = str(job.truncated)
+            out.append(_copy(span, None, attrs))
+        else:
+            attrs = span.attributes or {}
+            reparent = span.parent is None or span.parent.span_id != anchor
+            chain = (
+                SPAN_TYPE not in attrs
+                and sc.GEN_AI_OPERATION_NAME not in attrs
+                and (span.name == sc.SPAN_TASK or sc.MODULE_CLASS in attrs)
+            )
+            if reparent or chain:
+                parent = trace_api.SpanContext(ctx.trace_id, anchor, is_remote=False) if reparent else span.parent
+                out.append(_copy(span, parent, {**attrs, SPAN_TYPE: "CHAIN"} if chain else attrs))
+            else:
+                out.append(span)
+    return out
+
+
+def _copy(span: ReadableSpan, parent: trace_api.SpanContext | None, attributes: Any) -> ReadableSpan:
+    return ReadableSpan(
+        name=span.name,
+        context=span.context,
+        parent=parent,
+        resource=span.resource,
+        attributes=attributes,
+        events=span.events,
+        links=span.links,
+        kind=span.kind,
+        status=span.status,
+        start_time=span.start_time,
+        end_time=span.end_time,
+        instrumentation_scope=span.instrumentation_scope,
+    )
+
+
+class TraceSendError(RuntimeError):
+    """MLflow did not take a batch of spans; the bridge retries it."""
+
+
+def _auth_headers() -> dict[str, str]:
+    """MLflow's client credentials from the environment, for the OTLP request (the REST client adds its own)."""
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    if token:
+        return {"Authorization": f"Bearer {token}"}
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+    return {}
+
+
+class OtlpTraceSink:
+    """Sends spans to a tracking server's OTLP/HTTP endpoint. The endpoint and headers are explicit, so
+    ``OTEL_EXPORTER_OTLP_*`` variables meant for other backends never redirect them."""
+
+    def __init__(self, tracking_uri: str, experiment_id: str, *, timeout: float = 30.0) -> None:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        self.endpoint = tracking_uri.rstrip("/") + "/v1/traces"
+        self._exporter = OTLPSpanExporter(
+            endpoint=self.endpoint, headers={EXPERIMENT_HEADER: experiment_id, **_auth_headers()}, timeout=timeout
+        )
+
+    def send(self, spans: Sequence[ReadableSpan]) -> None:
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        if self._exporter.export(spans) is not SpanExportResult.SUCCESS:
+            raise TraceSendError(f"OTLP export to {self.endpoint} failed")
+
+    def close(self) -> None:
+        try:
+            self._exporter.shutdown()
+        except Exception:
+            pass
+
+
+class StoreTraceSink:
+    """Writes spans into a local (SQL) tracking store through MLflow's store API."""
+
+    def __init__(self, tracking_uri: str, experiment_id: str) -> None:
+        from mlflow.tracing.client import TracingClient
+
+        self._client = TracingClient(tracking_uri)
+        self.experiment_id = experiment_id
+
+    def send(self, spans: Sequence[ReadableSpan]) -> None:
+        from mlflow.entities.span import Span
+        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+        request = encode_spans(spans)
+        converted = [
+            Span.from_otel_proto(proto, resource=resource_spans.resource)
+            for resource_spans in request.resource_spans
+            for scope_spans in resource_spans.scope_spans
+            for proto in scope_spans.spans
+        ]
+        self._client.log_spans(self.experiment_id, converted)
+
+    def close(self) -> None:
+        return None
