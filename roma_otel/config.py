@@ -42,6 +42,7 @@ ENV_VARS: dict[str, str] = {
     "MLFLOW_ENABLED": "observability.mlflow.enabled",
     "MLFLOW_TRACKING_URI": "observability.mlflow.tracking_uri",
     "MLFLOW_EXPERIMENT": "observability.mlflow.experiment_name",
+    "ROMA_OTEL_MLFLOW_FLUSH_TIMEOUT": "observability.mlflow.flush_timeout",
     "TOOLKIT_METRICS_ENABLED": "observability.toolkit_metrics.enabled",
     "TOOLKIT_TRACK_LIFECYCLE": "observability.toolkit_metrics.track_lifecycle",
     "TOOLKIT_TRACK_INVOCATIONS": "observability.toolkit_metrics.track_invocations",
@@ -201,6 +202,7 @@ class MLflowConfig(_Section):
     log_evals: bool = _leaf(True, "bool")
     log_traces_from_compile: bool = _leaf(False, "bool")
     artifact_location: str | None = _leaf(None, "optstr")
+    flush_timeout: float = _leaf(10.0, "float", 0.0, 3600.0)  # seconds an exit/uninstrument flush may take
 
 
 @dataclass

@@ -188,7 +188,7 @@ def test_env_overrides_yaml(tmp_path: Path) -> None:
 
 def test_every_env_var_is_applied() -> None:
     # Catches a table entry whose dotted key no longer resolves or is silently skipped.
-    assert len(ENV_VARS) == 13
+    assert len(ENV_VARS) == 14
     samples = {"int": "1234", "float": "0.5"}
     for name, dotted in ENV_VARS.items():
         section_path, leaf = dotted.rsplit(".", 1)

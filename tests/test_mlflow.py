@@ -530,8 +530,9 @@ def test_server_down_at_start_then_back(make_tel: Any, mlflow_server: Server) ->
 def test_unreachable_tracking_uri_leaves_the_program_alone(
     make_tel: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setenv("ROMA_OTEL_MLFLOW_FLUSH_TIMEOUT", "1")
-    tel, bridge, finished = instrument(make_tel, mlflow_config(f"http://127.0.0.1:{free_port()}", "nowhere"))
+    tel, bridge, finished = instrument(
+        make_tel, mlflow_config(f"http://127.0.0.1:{free_port()}", "nowhere", flush_timeout=1.0)
+    )
     with dspy.context(lm=answer_lm(answer="Paris")):
         with roma_otel.execution("question", max_depth=1, solver_type="S"):
             answer = Ask()(question="Capital of France?").answer

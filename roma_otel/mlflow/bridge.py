@@ -43,7 +43,6 @@ __all__ = ["MLflowBridge", "start_bridge"]
 
 logger = logging.getLogger("roma_otel")
 
-FLUSH_TIMEOUT_ENV = "ROMA_OTEL_MLFLOW_FLUSH_TIMEOUT"  # seconds the exit/uninstrument flush may take
 DEFAULT_FLUSH_TIMEOUT = 10.0
 _MAX_KNOWN = 10_000  # remembered run ids / unlinked trace ids, per key
 _MAX_TRACES_PER_SEND = 64
@@ -458,19 +457,6 @@ def _root_module_name() -> str:
     return type(frame.instance).__name__ if frame is not None else "execution"
 
 
-def _flush_timeout() -> float:
-    raw = os.environ.get(FLUSH_TIMEOUT_ENV, "")
-    try:
-        value = float(raw) if raw else DEFAULT_FLUSH_TIMEOUT
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        logger.warning("roma-otel: %s must be a number of seconds >= 0, got %r; using %s", FLUSH_TIMEOUT_ENV, raw,
-                       DEFAULT_FLUSH_TIMEOUT)  # fmt: skip
-        value = DEFAULT_FLUSH_TIMEOUT
-    return value
-
-
 def start_bridge(config: RomaOtelConfig, tel: Telemetry, tracer_provider: Any, patcher: Patcher) -> MLflowBridge | None:
     """Start the bridge when ``observability.mlflow.enabled``: listener, span forwarder, optimizer hooks."""
     ml = config.observability.mlflow
@@ -484,7 +470,7 @@ def start_bridge(config: RomaOtelConfig, tel: Telemetry, tracer_provider: Any, p
         ml,
         on_drop=lambda n, reason: tel.persistence_dropped.add(n, {"bridge": "mlflow", "reason": reason}),
         persist_tools=tm.enabled and tm.persist_to_mlflow,
-        flush_timeout=_flush_timeout(),
+        flush_timeout=ml.flush_timeout,
     )
     if ml.log_traces:
         from opentelemetry import trace
