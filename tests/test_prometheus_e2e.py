@@ -12,6 +12,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -360,3 +361,55 @@ def test_alerts_fire_exactly_where_they_should(stack: Stack) -> None:
     tasks = active["RomaTaskFailureRateHigh"]
     assert tasks["labels"]["job"] == "roma-otel" and tasks["labels"]["severity"] == "critical"
     assert float(tasks["value"]) == pytest.approx(1 / 3)
+
+
+def test_prometheus_pointed_at_the_demo_fills_every_panel(tmp_path: Path) -> None:
+    """The issue's "done when": point Prometheus at `roma-otel demo` and every panel fills."""
+    binary = prometheus_binary()
+    metrics_port, prometheus_port = free_port(), free_port()
+    demo_log = tmp_path / "demo.log"
+    with demo_log.open("wb") as out:
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "roma_otel.cli", "demo", "--port", str(metrics_port), "--no-postgres",
+             "--repeat", "12", "--interval", "1", "--keep-serving", "90"],
+            cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"},
+        )  # fmt: skip
+    (tmp_path / "prometheus.yml").write_text(
+        yaml.safe_dump(
+            {
+                "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+                "scrape_configs": [
+                    {"job_name": "demo", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}
+                ],
+            }
+        )
+    )
+    log = tmp_path / "prometheus.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
+             f"--web.listen-address=127.0.0.1:{prometheus_port}"],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    stack = Stack(url=f"http://127.0.0.1:{prometheus_port}", at=0.0)
+    try:
+
+        def demo_done_and_scraped() -> bool:
+            if "Serving metrics at" not in demo_log.read_text(errors="replace"):
+                return False
+            result = stack.get("/api/v1/query", query="sum(executions_total)")["data"]["result"]
+            return bool(result) and float(result[0]["value"][1]) == 12
+
+        wait_for("all 12 demo runs to be scraped", demo_done_and_scraped, 120, proc, log)
+        time.sleep(2.5)  # a couple more scrapes of the final values
+        stack.at = time.time()
+        check_all(stack, panel_queries(), need_data=True)
+    finally:
+        for child in (demo, proc):
+            child.terminate()
+            try:
+                child.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
