@@ -12,7 +12,7 @@ import threading
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 __all__ = [
@@ -21,7 +21,6 @@ __all__ = [
     "TaskScope",
     "ToolInvocation",
     "ToolkitEvent",
-    "current_task",
 ]
 
 
@@ -81,10 +80,6 @@ class TaskScope:
 
 _EXECUTION: ContextVar[ExecutionContext | None] = ContextVar("roma_otel_execution", default=None)
 _TASK: ContextVar[TaskScope | None] = ContextVar("roma_otel_task", default=None)
-
-
-def current_task() -> TaskScope | None:
-    return _TASK.get()
 
 
 class ExecutionContext:
@@ -240,9 +235,6 @@ class ExecutionContext:
             "execution_duration": self.execution_duration,
             "max_depth_reached": self.max_depth_reached,
         }
-
-    def started_at(self) -> datetime:
-        return datetime.fromtimestamp(self.start_time, UTC)
 
     def __repr__(self) -> str:
         return f"ExecutionContext(execution_id={self.execution_id!r}, status={self.status!r})"

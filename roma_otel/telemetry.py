@@ -132,9 +132,7 @@ class Telemetry:
         self.genai_tokens = histogram(sc.M_GENAI_TOKEN_USAGE, sc.GENAI_TOKEN_USAGE_BUCKETS)
         self.genai_duration = histogram(sc.M_GENAI_OPERATION_DURATION, sc.GENAI_OPERATION_DURATION_BUCKETS)
         self.executions = counter(sc.M_EXECUTIONS)
-        self.execution_duration = histogram(
-            sc.M_EXECUTION_DURATION_SECONDS, sc.EXECUTION_DURATION_SECONDS_BUCKETS
-        )
+        self.execution_duration = histogram(sc.M_EXECUTION_DURATION_SECONDS, sc.EXECUTION_DURATION_SECONDS_BUCKETS)
         self.execution_cost = histogram(sc.M_EXECUTION_COST_USD, sc.EXECUTION_COST_USD_BUCKETS)
         self.tasks = counter(sc.M_TASKS)
         self.toolkit_events = counter(sc.M_TOOLKIT_LIFECYCLE)
@@ -171,13 +169,6 @@ class Telemetry:
                 logger.warning("roma-otel: internal error in %s (swallowed): %r", where, exc, exc_info=exc)
         except Exception:  # pragma: no cover - logging itself failed
             pass
-
-    # --- content capture ------------------------------------------------------------------------
-    def content(self, value: Any) -> str | None:
-        """Redacted, truncated JSON of ``value`` when content capture is on, else None."""
-        if self.redactor is None:
-            return None
-        return self.redactor.render(value)
 
 
 def mark_error(span: Span | None, exc: BaseException) -> str:
