@@ -351,9 +351,8 @@ def load_execution(
     """
     import psycopg
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
-    from psycopg_pool import PoolTimeout
 
-    from roma_otel.storage.postgres import SchemaMissingError
+    from roma_otel.storage.postgres import SchemaMissingError, StorageUnavailableError
 
     where = redact_dsn(dsn)
     try:
@@ -362,7 +361,7 @@ def load_execution(
         loaded = asyncio.run(_load(dsn, execution_id, timeout))
     except SchemaMissingError as exc:
         raise DatabaseUnavailableError(str(exc)) from exc
-    except (psycopg.Error, PoolTimeout, OSError) as exc:
+    except (StorageUnavailableError, psycopg.Error, OSError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DatabaseUnavailableError(f"cannot read PostgreSQL at {where}: {reason}") from exc
     if loaded is None:

@@ -22,7 +22,7 @@ from psycopg.types.json import Jsonb
 
 from roma_otel.config import PostgresConfig, RomaOtelConfig
 from roma_otel.storage.migrate import upgrade
-from roma_otel.storage.postgres import PostgresStorage, SchemaMissingError
+from roma_otel.storage.postgres import PostgresStorage, SchemaMissingError, StorageUnavailableError
 from roma_otel.storage.records import ExecutionRecord, LMTrace, ToolInvocationTrace, ToolkitTrace
 
 T = TypeVar("T")
@@ -904,8 +904,8 @@ def test_unreachable_server_fails_fast_with_the_cause() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    # Nothing listens on the port now, so the connection is refused and the driver says so.
-    with pytest.raises(psycopg.OperationalError):
+    # Nothing listens on the port now, so the connection is refused, and the error says so.
+    with pytest.raises(StorageUnavailableError, match=r"(?i)refused"):
         with_storage(f"postgresql://roma@127.0.0.1:{port}/postgres?connect_timeout=5", lambda s: s.list_executions())
 
 
@@ -943,3 +943,12 @@ def test_config_errors() -> None:
         PostgresStorage(PostgresConfig(connection_url="postgresql://x@127.0.0.1/db", pool_min_size=0, pool_max_size=0))
     with pytest.raises(TypeError, match="PostgresConfig"):
         PostgresStorage(42)  # type: ignore[arg-type]
+
+
+def test_ping_answers_or_says_why(dsn: str) -> None:
+    asyncio.run(PostgresStorage(dsn).ping(5))  # schema present, server up: no exception
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(StorageUnavailableError):
+        asyncio.run(PostgresStorage(f"postgresql://roma@127.0.0.1:{port}/postgres?connect_timeout=2").ping(5))

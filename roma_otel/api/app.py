@@ -14,14 +14,13 @@ from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
-import psycopg
 from fastapi import FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from roma_otel.config import PostgresConfig
-from roma_otel.storage.postgres import MAX_LIMIT, PostgresStorage, SchemaMissingError
+from roma_otel.storage.postgres import MAX_LIMIT, PostgresStorage, SchemaMissingError, StorageUnavailableError
 from roma_otel.version import __version__
 
 __all__ = [
@@ -70,8 +69,8 @@ _TOOL_INVOCATION_FIELDS = (
     "metadata",
 )
 
-# Errors meaning "the database cannot answer right now" (PoolTimeout is an OperationalError).
-_UNAVAILABLE = (psycopg.OperationalError, SchemaMissingError, OSError, TimeoutError)
+# Errors meaning "the database cannot answer right now".
+_UNAVAILABLE = (StorageUnavailableError, SchemaMissingError, OSError, TimeoutError)
 
 
 class DatabaseUnavailableError(RuntimeError):
@@ -213,7 +212,7 @@ def create_app(storage_or_dsn: PostgresStorage | PostgresConfig | str, *, token:
     )
     app.state.storage = storage
     app.add_exception_handler(RequestValidationError, _validation_error)
-    for exc_type in (DatabaseUnavailableError, psycopg.OperationalError, SchemaMissingError):
+    for exc_type in (DatabaseUnavailableError, StorageUnavailableError, SchemaMissingError):
         app.add_exception_handler(exc_type, _unavailable)
     if token is not None:
         app.add_middleware(BearerAuthMiddleware, token=token)
@@ -222,13 +221,9 @@ def create_app(storage_or_dsn: PostgresStorage | PostgresConfig | str, *, token:
     async def health(request: Request) -> JSONResponse:
         """``{"status": "ok", "database": "ok"}``, or 503 with the database's error."""
 
-        async def check() -> None:
-            await storage.initialize()
-            await storage.list_executions(limit=1)
-
         try:
-            await asyncio.wait_for(check(), DB_TIMEOUT)
-        except (psycopg.Error, *_UNAVAILABLE) as exc:
+            await storage.ping(DB_TIMEOUT)
+        except Exception as exc:  # any failure to answer is "not healthy", never a 500
             return JSONResponse(status_code=503, content={"status": "error", "database": _error_text(exc)})
         return JSONResponse(content={"status": "ok", "database": "ok"})
 

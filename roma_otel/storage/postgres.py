@@ -21,7 +21,7 @@ from psycopg_pool import AsyncConnectionPool
 from roma_otel.config import PostgresConfig
 from roma_otel.storage.records import ExecutionRecord, LMTrace, ToolInvocationTrace, ToolkitTrace
 
-__all__ = ["MAX_LIMIT", "REQUIRED_TABLES", "PostgresStorage", "SchemaMissingError"]
+__all__ = ["MAX_LIMIT", "REQUIRED_TABLES", "PostgresStorage", "SchemaMissingError", "StorageUnavailableError"]
 
 MAX_LIMIT = 10_000
 REQUIRED_TABLES = ("executions", "lm_traces", "toolkit_traces", "tool_invocation_traces")
@@ -31,6 +31,16 @@ _Record = ExecutionRecord | LMTrace | ToolkitTrace | ToolInvocationTrace
 
 class SchemaMissingError(RuntimeError):
     """The database is reachable but roma-otel's tables have not been created in it."""
+
+
+class StorageUnavailableError(RuntimeError):
+    """The database cannot answer right now: unreachable, refusing connections, or timed out."""
+
+
+def _unavailable(exc: BaseException) -> StorageUnavailableError:
+    if isinstance(exc, TimeoutError):
+        return StorageUnavailableError("the database did not answer in time")
+    return StorageUnavailableError(str(exc).strip() or type(exc).__name__)
 
 
 def _check_limit(limit: object) -> int:
@@ -150,7 +160,29 @@ class PostgresStorage:
 
     # --- lifecycle ----------------------------------------------------------------------------------
     async def initialize(self) -> None:
-        """Check the schema exists, then open the connection pool. Idempotent."""
+        """Check the schema exists, then open the connection pool. Idempotent.
+
+        Raises SchemaMissingError when the tables are missing and StorageUnavailableError when the
+        database cannot be reached.
+        """
+        try:
+            await self._initialize()
+        except psycopg.OperationalError as exc:  # PoolTimeout is one too
+            raise _unavailable(exc) from exc
+
+    async def ping(self, timeout: float = 10.0) -> None:
+        """Succeed when the database answers a query within ``timeout`` seconds (initializing if needed)."""
+
+        async def check() -> None:
+            await self.initialize()
+            await self._fetch("SELECT 1", [])
+
+        try:
+            await asyncio.wait_for(check(), timeout)
+        except TimeoutError as exc:
+            raise _unavailable(exc) from exc
+
+    async def _initialize(self) -> None:
         async with self._lock:
             if self._pool is not None:
                 return
@@ -202,8 +234,11 @@ class PostgresStorage:
     async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         if self._pool is None:
             raise RuntimeError("PostgresStorage is not initialized: call `await storage.initialize()` first")
-        async with self._pool.connection() as conn:
-            yield conn
+        try:
+            async with self._pool.connection() as conn:
+                yield conn
+        except psycopg.OperationalError as exc:  # the server went away, or the pool timed out
+            raise _unavailable(exc) from exc
 
     async def _fetch(self, query: sql.Composable | str, params: list[object]) -> list[dict[str, Any]]:
         async with self._connection() as conn, conn.cursor(row_factory=dict_row) as cur:
