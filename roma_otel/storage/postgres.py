@@ -1,7 +1,7 @@
 """Async read access to roma-otel's PostgreSQL tables: executions, LM calls, toolkit lifecycle and tool calls.
 
 Aggregates are computed by the server with GROUP BY over every row, and every filter is a bound parameter.
-This is the only module that imports psycopg.
+Callers see the driver's failures as StorageUnavailableError / SchemaMissingError, never psycopg's classes.
 """
 
 from __future__ import annotations
