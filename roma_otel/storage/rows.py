@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from opentelemetry.trace import StatusCode
+
 from roma_otel import semconv as sc
 
 __all__ = [
@@ -48,10 +50,13 @@ def _duration_ms(span: Any) -> float:
     return ((span.end_time or 0) - (span.start_time or 0)) / 1e6
 
 
-def _error(span: Any) -> str | None:
-    if span.status.status_code.name != "ERROR":
+def _error(span: Any, attrs: dict[str, Any] | None = None) -> str | None:
+    status = span.status
+    if status.status_code is not StatusCode.ERROR:
         return None
-    return span.status.description or str((span.attributes or {}).get(sc.ERROR_TYPE, "error"))
+    if attrs is None:
+        attrs = span_attributes(span)
+    return status.description or str(attrs.get(sc.ERROR_TYPE, "error"))
 
 
 def _ids(span: Any) -> dict[str, Any]:
@@ -125,7 +130,7 @@ def lm_row(span: Any, attrs: dict[str, Any] | None = None) -> dict[str, Any]:
         "cost_source": attrs.get(sc.LM_COST_SOURCE),
         "latency_ms": float(attrs.get(sc.LM_LATENCY_MS, _duration_ms(span))),
         "cache_hit": bool(attrs.get(sc.LM_CACHE_HIT, False)),
-        "error": _error(span),
+        "error": _error(span, attrs),
         "metadata": metadata,
     }
 
@@ -133,21 +138,29 @@ def lm_row(span: Any, attrs: dict[str, Any] | None = None) -> dict[str, Any]:
 def tool_invocation_row(span: Any, attrs: dict[str, Any] | None = None) -> dict[str, Any]:
     if attrs is None:
         attrs = span_attributes(span)
-    metadata: dict[str, Any] = {**_ids(span), "module": attrs.get(sc.MODULE), "depth": attrs.get(sc.TASK_DEPTH, 0)}
+    metadata: dict[str, Any] = {
+        "otel_trace_id": _hex_trace(span),
+        "span_id": _hex_span(span.context.span_id),
+        "module": attrs.get(sc.MODULE),
+        "depth": attrs.get(sc.TASK_DEPTH, 0),
+    }
     if sc.TASK_ID in attrs:
         metadata["task_id"] = attrs[sc.TASK_ID]
     if sc.ERROR_TYPE in attrs:
         metadata["error_type"] = attrs[sc.ERROR_TYPE]
+    error = _error(span, attrs)
+    duration = attrs.get(sc.TOOL_DURATION_MS)
+    success = attrs.get(sc.TOOL_SUCCESS)
     return {
         "execution_id": str(attrs[sc.EXECUTION_ID]),
         "toolkit_class": str(attrs.get(sc.TOOLKIT_CLASS, "")),
         "tool_name": str(attrs.get(sc.GEN_AI_TOOL_NAME, "")),
         "invoked_at_ns": _ts(span.start_time),  # the start of the call, not its end
-        "duration_ms": float(attrs.get(sc.TOOL_DURATION_MS, _duration_ms(span))),
+        "duration_ms": float(duration) if duration is not None else _duration_ms(span),
         "input_size_bytes": int(attrs.get(sc.TOOL_INPUT_SIZE, 0)),
         "output_size_bytes": int(attrs.get(sc.TOOL_OUTPUT_SIZE, 0)),
-        "success": bool(attrs.get(sc.TOOL_SUCCESS, _error(span) is None)),
-        "error": _error(span),
+        "success": bool(success) if success is not None else error is None,
+        "error": error,
         "metadata": metadata,
     }
 
@@ -178,7 +191,7 @@ def dag_node(span: Any, attrs: dict[str, Any] | None = None) -> dict[str, Any]:
         "kind": "task" if span.name == sc.SPAN_TASK else ("execution" if classify(span, attrs) == ROOT else "module"),
         "start": datetime.fromtimestamp((span.start_time or 0) / 1e9, UTC).isoformat(),
         "duration_ms": _duration_ms(span),
-        "status": "error" if span.status.status_code.name == "ERROR" else "ok",
+        "status": "error" if span.status.status_code is StatusCode.ERROR else "ok",
         "depth": attrs.get(sc.TASK_DEPTH, 0),
     }
     for key, name in (
@@ -199,7 +212,7 @@ def execution_final(span: Any, attrs: dict[str, Any] | None = None) -> dict[str,
     return {
         "execution_id": str(attrs[sc.EXECUTION_ID]),
         "created_at_ns": _ts(span.start_time),
-        "status": str(attrs.get(sc.EXECUTION_STATUS, "failed" if _error(span) else "completed")),
+        "status": str(attrs.get(sc.EXECUTION_STATUS, "failed" if _error(span, attrs) else "completed")),
         "task": attrs.get(sc.EXECUTION_TASK),
         "max_depth": attrs.get(sc.EXECUTION_MAX_DEPTH),
         "solver_type": attrs.get(sc.EXECUTION_SOLVER_TYPE),
