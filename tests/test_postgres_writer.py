@@ -242,3 +242,41 @@ def test_a_full_queue_drops_oldest_and_counts(tel, tmp_path: Path) -> None:
     finally:
         writer.flush_timeout = 1
         writer.shutdown()
+
+
+def test_copy_fast_path_and_on_conflict_path_write_identical_rows(tel, migrated: str, tmp_path: Path) -> None:
+    """The two ways a batch reaches the tables (COPY; INSERT .. ON CONFLICT for retries) must agree on
+    every column, including NULLs, text escaping, timestamps and JSON metadata."""
+    execution_id = run_execution()
+    with roma_otel.execution("escapes"), pytest.raises(ConnectionError):
+        Weather().broken('tab\there, newline\nthere, back\\slash, quote "q", naïve')
+    spans = [(classify(s), s) for s in tel.spans() if classify(s)]
+    columns = {
+        "lm_traces": "execution_id, otel_trace_id, span_id, parent_span_id, task_id, depth, module_name, model, "
+        "created_at, prompt_tokens, completion_tokens, total_tokens, cost_usd, cost_source, latency_ms, cache_hit, "
+        "error, metadata",
+        "tool_invocation_traces": "execution_id, toolkit_class, tool_name, invoked_at, duration_ms, input_size_bytes, "
+        "output_size_bytes, success, error, metadata",
+        "toolkit_traces": "execution_id, timestamp, operation, toolkit_class, duration_ms, success, error, metadata",
+    }
+
+    def snapshot() -> dict[str, list[tuple]]:
+        return {t: sorted(rows(migrated, f"SELECT {c} FROM {t}"), key=repr) for t, c in columns.items()}
+
+    writer = PostgresSpanProcessor(migrated, spool_dir=tmp_path)
+    try:
+        writer._write_once(to_batch(spans, {}), fast=True)
+        by_copy = snapshot()
+        with psycopg.connect(migrated, autocommit=True) as conn:
+            conn.execute("TRUNCATE executions CASCADE")
+        writer._write_once(to_batch(spans, {}), fast=False)
+        by_insert = snapshot()
+    finally:
+        writer.shutdown()
+    for table in columns:
+        for a, b in zip(by_copy[table], by_insert[table], strict=True):
+            assert a == b, (table, [(i, x, y) for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y])
+    assert len(by_copy["lm_traces"]) == 2 and len(by_copy["tool_invocation_traces"]) == 3
+    errors = [r[8] for r in by_copy["tool_invocation_traces"] if r[8]]
+    assert any("naïve" in e and "\t" in e and "\n" in e and "\\" in e for e in errors), errors
+    assert execution_id in {r[0] for r in by_copy["lm_traces"]}

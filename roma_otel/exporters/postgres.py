@@ -45,7 +45,12 @@ def _from_json(table: str, record: str, conflict: str) -> str:
     """
     fields = [item.split(" ")[0] for item in record.split(", ")]
     names = ", ".join(f.removesuffix("_ns") for f in fields)
-    select = ", ".join(f"to_timestamp(r.{f} / 1e9)" if f.endswith("_ns") else f"r.{f}" for f in fields)
+    # Whole microseconds by integer division, exactly as the COPY path truncates them (a float division
+    # by 1e9 would round, and disagree in the last digit).
+    select = ", ".join(
+        f"timestamptz 'epoch' + (r.{f} / 1000) * interval '1 microsecond'" if f.endswith("_ns") else f"r.{f}"
+        for f in fields
+    )
     return (
         f"INSERT INTO {table} ({names}) SELECT {select} "
         f"FROM jsonb_to_recordset(%s::jsonb) AS r({record}) ON CONFLICT {conflict}"
