@@ -132,7 +132,7 @@ def _ts(ns: int) -> str:
 
 
 def _j(value: Any) -> str:
-    return _esc(_ENCODER.encode(value))
+    return _esc(_encode_json(value))
 
 
 def _lm_line(r: dict[str, Any]) -> str:
@@ -182,6 +182,15 @@ def _json_default(value: Any) -> Any:
 
 # One encoder, built once: json.dumps(..., default=...) builds a new one per call (~3 µs per row here).
 _ENCODER = json.JSONEncoder(default=_json_default)
+
+try:  # orjson (DSPy depends on it) encodes a row's metadata in 0.14 µs instead of 1.4 µs
+    import orjson
+
+    def _encode_json(value: Any) -> str:
+        return orjson.dumps(value, default=_json_default).decode()
+
+except ImportError:  # pragma: no cover - without DSPy's dependencies
+    _encode_json = _ENCODER.encode
 
 
 class PostgresSpanProcessor(SpanProcessor):
