@@ -380,10 +380,6 @@ class MLflowBridge:
         for i in range(0, len(trace_ids), _MAX_LINKS_PER_REQUEST):
             self.manager.client.link_traces_to_run(trace_ids[i : i + _MAX_LINKS_PER_REQUEST], run_id)
 
-    def run_id_for(self, execution_id: str) -> str | None:
-        """The run written for an execution, once the worker has written it."""
-        return self._runs.get(("execution", execution_id))
-
     def _trace_sink(self) -> Any:
         if self._sink is None:
             experiment_id = self.manager.experiment_id
