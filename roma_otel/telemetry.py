@@ -12,10 +12,11 @@ import logging
 import random
 import threading
 import weakref
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics, trace
-from opentelemetry.trace import Span, Status, StatusCode
+from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, Status, StatusCode
 
 from roma_otel import semconv as sc
 from roma_otel.redaction import Redactor
@@ -36,21 +37,39 @@ SCOPE = "roma_otel"  # the instrumentation scope of every span and metric roma-o
 _SCHEMA_URL = "https://opentelemetry.io/schemas/1.37.0"
 
 
+class _MeterState:
+    """roma-otel's instruments on one meter, shared by every ``instrument()`` that uses that meter.
+
+    Sharing means instrumenting again with the same MeterProvider continues the same counter totals
+    and the same histogram queues instead of registering a second callback for a name.
+    """
+
+    def __init__(self, meter: Any) -> None:
+        self.meter = meter
+        self.counters: dict[str, FastCounter] = {}
+        self.histograms: dict[str, DeferredHistogram] = {}
+
+    def drain(self) -> None:
+        for histogram in list(self.histograms.values()):
+            histogram.drain()
+
+
 class FastCounter:
     """A monotonic counter summed here and reported through an ObservableCounter.
 
     An ``add`` is a dict update under a lock (well under a microsecond) instead of the SDK's synchronous
     measurement pipeline (about 4 µs per call on the reference machine); the exporter sees the same
-    cumulative sums, names and labels. Counters are shared per meter and name, so instrumenting again
-    with the same MeterProvider continues the same totals instead of registering a second callback.
+    cumulative sums, names and labels. Its callback also hands the meter's queued histogram values to
+    the SDK (see ``DeferredHistogram``), because the SDK runs every callback before it reads aggregations.
     """
 
-    __slots__ = ("__weakref__", "_lock", "_totals")
+    __slots__ = ("__weakref__", "_lock", "_state", "_totals")
 
-    def __init__(self, meter: Any, spec: tuple[str, str, str]) -> None:
+    def __init__(self, state: _MeterState, spec: tuple[str, str, str]) -> None:
         self._totals: dict[frozenset[tuple[str, Any]], float] = {}
         self._lock = threading.Lock()
-        meter.create_observable_counter(spec[0], callbacks=[self._observe], unit=spec[1], description=spec[2])
+        self._state = state
+        state.meter.create_observable_counter(spec[0], callbacks=[self._observe], unit=spec[1], description=spec[2])
 
     def add(self, amount: float, attributes: dict[str, Any]) -> None:
         key = frozenset(attributes.items())
@@ -58,25 +77,104 @@ class FastCounter:
             self._totals[key] = self._totals.get(key, 0) + amount
 
     def _observe(self, options: Any) -> list[metrics.Observation]:
+        self._state.drain()
         with self._lock:
             items = list(self._totals.items())
         return [metrics.Observation(value, dict(key)) for key, value in items]
 
 
-_COUNTERS: weakref.WeakKeyDictionary[Any, dict[str, FastCounter]] = weakref.WeakKeyDictionary()
-_COUNTERS_LOCK = threading.Lock()
+# The exemplar context for a value recorded outside any span: a context whose span is invalid, so the
+# SDK neither takes the collecting thread's current span nor samples an exemplar for it.
+_NO_SPAN_CONTEXT = trace.set_span_in_context(trace.INVALID_SPAN)
 
 
-def _fast_counter(meter: Any, spec: tuple[str, str, str]) -> FastCounter:
-    with _COUNTERS_LOCK:
+class DeferredHistogram:
+    """An SDK histogram whose records wait in a queue until a reader collects.
+
+    A synchronous SDK record costs 5-10 µs in place (a measurement object, the exemplar filter, a copy
+    and a recursive hash of the attributes, a lock per reader); appending to a deque costs ~0.2 µs. The
+    queue is drained into the real histogram, in order, from roma-otel's observable-counter callbacks,
+    which the SDK runs at the start of every collection before it reads any aggregation: each reader
+    sees every value exactly once, in the collection interval it was recorded in, with the same names,
+    units, buckets and views. The recording thread drains the queue itself once it holds ``limit``
+    values, so memory stays bounded when nothing collects (or collects rarely, under a heavy load).
+
+    Exemplars keep their span: the span context is queued with the value and replayed as the
+    measurement's context. Their timestamp is the collection's, not the record's.
+    """
+
+    __slots__ = ("__weakref__", "_histogram", "_limit", "_pending")
+
+    LIMIT = 4096
+
+    def __init__(self, state: _MeterState, spec: tuple[str, str, str], buckets: tuple[float, ...]) -> None:
+        self._histogram = state.meter.create_histogram(
+            spec[0], unit=spec[1], description=spec[2], explicit_bucket_boundaries_advisory=list(buckets)
+        )
+        self._pending: deque[tuple[float, dict[str, Any], SpanContext]] = deque()
+        self._limit = self.LIMIT
+
+    def record(self, value: float, attributes: dict[str, Any], span: Span | None = None) -> None:
+        """Queue ``value``; ``span`` is the span an exemplar for it may point at (default: the current one)."""
+        if span is None:
+            span = trace.get_current_span()
+        pending = self._pending
+        pending.append((value, attributes, span.get_span_context()))
+        if len(pending) > self._limit:
+            self.drain()
+
+    def drain(self) -> None:
+        """Hand every queued value to the SDK. Safe from any thread: each value is taken exactly once."""
+        pending = self._pending
+        record = self._histogram.record
+        last_span_context: SpanContext | None = None
+        context = _NO_SPAN_CONTEXT
+        while True:
+            try:
+                value, attributes, span_context = pending.popleft()
+            except IndexError:
+                return
+            # Consecutive values of one call (an LM call queues four) share their span's context.
+            if span_context is not last_span_context:
+                last_span_context = span_context
+                if span_context.is_valid:
+                    context = trace.set_span_in_context(NonRecordingSpan(span_context))
+                else:
+                    context = _NO_SPAN_CONTEXT
+            record(value, attributes, context=context)
+
+
+_STATES: weakref.WeakKeyDictionary[Any, _MeterState] = weakref.WeakKeyDictionary()
+_STATES_LOCK = threading.Lock()
+
+
+def _meter_state(meter: Any) -> _MeterState:
+    with _STATES_LOCK:
         try:
-            by_name = _COUNTERS.setdefault(meter, {})
+            state = _STATES.get(meter)
+            if state is None:
+                state = _STATES[meter] = _MeterState(meter)
         except TypeError:  # a meter that cannot be weakly referenced: no sharing
-            return FastCounter(meter, spec)
-        counter = by_name.get(spec[0])
+            state = _MeterState(meter)
+        return state
+
+
+def _fast_counter(state: _MeterState, spec: tuple[str, str, str]) -> FastCounter:
+    with _STATES_LOCK:
+        counter = state.counters.get(spec[0])
         if counter is None:
-            counter = by_name[spec[0]] = FastCounter(meter, spec)
+            counter = state.counters[spec[0]] = FastCounter(state, spec)
         return counter
+
+
+def _deferred_histogram(
+    state: _MeterState, spec: tuple[str, str, str], buckets: tuple[float, ...]
+) -> DeferredHistogram:
+    with _STATES_LOCK:
+        histogram = state.histograms.get(spec[0])
+        if histogram is None:
+            histogram = state.histograms[spec[0]] = DeferredHistogram(state, spec, buckets)
+        return histogram
 
 
 def _parent_based(tracer_provider: Any) -> bool:
@@ -112,13 +210,14 @@ class Telemetry:
         cc = config.observability.content_capture
         self.redactor = Redactor(cc.max_length) if cc.enabled else None
 
-        def counter(spec: tuple[str, str, str]) -> FastCounter:
-            return _fast_counter(meter, spec)
+        state = _meter_state(meter)
+        self._meter_state = state
 
-        def histogram(spec: tuple[str, str, str], buckets: tuple[float, ...]) -> Any:
-            return meter.create_histogram(
-                spec[0], unit=spec[1], description=spec[2], explicit_bucket_boundaries_advisory=list(buckets)
-            )
+        def counter(spec: tuple[str, str, str]) -> FastCounter:
+            return _fast_counter(state, spec)
+
+        def histogram(spec: tuple[str, str, str], buckets: tuple[float, ...]) -> DeferredHistogram:
+            return _deferred_histogram(state, spec, buckets)
 
         self.tool_invocations = counter(sc.M_TOOL_INVOCATIONS)
         self.tool_success = counter(sc.M_TOOL_INVOCATIONS_SUCCESS)

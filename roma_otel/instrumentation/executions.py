@@ -75,8 +75,8 @@ def finish_execution(tel: Telemetry | None, ctx: ExecutionContext, span: Span | 
             )
         status = {sc.L_STATUS: ctx.status}
         tel.executions.add(1, status)
-        tel.execution_duration.record(summary["execution_duration"], status)
-        tel.execution_cost.record(summary["total_cost"], status)
+        tel.execution_duration.record(summary["execution_duration"], status, span)
+        tel.execution_cost.record(summary["total_cost"], status, span)
         # tasks_total counts task-tree nodes; a run with no task scopes has none to count.
         if ctx.has_tasks:
             if summary["completed_tasks"]:

@@ -152,7 +152,7 @@ def _exit(
 
         labels = {sc.L_MODULE: module, sc.L_MODEL: model}
         tel.lm_calls.add(1, {sc.L_MODULE: module, sc.L_MODEL: model, sc.L_CACHE_HIT: str(cache_hit).lower()})
-        tel.lm_latency.record(latency_ms, labels)
+        tel.lm_latency.record(latency_ms, labels, span)
         genai = {
             sc.GEN_AI_OPERATION_NAME: op,
             sc.GEN_AI_PROVIDER_NAME: provider,
@@ -164,10 +164,10 @@ def _exit(
             # A cache hit spent no tokens: it must not show up as usage.
             if input_tokens is not None:
                 tel.lm_tokens.add(input_tokens, {**labels, sc.L_TOKEN_TYPE: sc.TOKEN_TYPE_INPUT})
-                tel.genai_tokens.record(input_tokens, {**genai, sc.GEN_AI_TOKEN_TYPE: sc.TOKEN_TYPE_INPUT})
+                tel.genai_tokens.record(input_tokens, {**genai, sc.GEN_AI_TOKEN_TYPE: sc.TOKEN_TYPE_INPUT}, span)
             if output_tokens is not None:
                 tel.lm_tokens.add(output_tokens, {**labels, sc.L_TOKEN_TYPE: sc.TOKEN_TYPE_OUTPUT})
-                tel.genai_tokens.record(output_tokens, {**genai, sc.GEN_AI_TOKEN_TYPE: sc.TOKEN_TYPE_OUTPUT})
+                tel.genai_tokens.record(output_tokens, {**genai, sc.GEN_AI_TOKEN_TYPE: sc.TOKEN_TYPE_OUTPUT}, span)
         if cost is not None:
             if cost.usd is None:
                 tel.lm_cost_unknown.add(1, labels)
@@ -175,7 +175,7 @@ def _exit(
                 tel.lm_cost.add(cost.usd, labels)
         if error_type is not None:
             genai[sc.ERROR_TYPE] = error_type
-        tel.genai_duration.record(latency_s, genai)
+        tel.genai_duration.record(latency_s, genai, span)
 
         ctx = _EXECUTION.get()
         if ctx is not None and result is not None:

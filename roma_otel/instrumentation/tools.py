@@ -110,7 +110,7 @@ def _exit(tel: Telemetry, state: tuple[Any, ...], exc: BaseException | None, res
         duration_ms = (time.perf_counter() - start) * 1000.0
         labels = {sc.L_TOOLKIT_CLASS: toolkit_class, sc.L_TOOL_NAME: tool_name}
         tel.tool_invocations.add(1, labels)
-        tel.tool_duration.record(duration_ms, labels)
+        tel.tool_duration.record(duration_ms, labels, span)
         error_type = None
         if exc is None:
             tel.tool_success.add(1, labels)

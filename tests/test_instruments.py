@@ -1,0 +1,142 @@
+"""roma-otel's own metric instruments: summed counters and histograms whose records wait for collection.
+
+Each test drives ``telemetry.Telemetry`` against a real SDK MeterProvider and reads back what the SDK's
+readers export, so a value lost, doubled, attributed to the wrong interval or to the wrong span fails.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from opentelemetry.sdk.metrics import Histogram, MeterProvider
+from opentelemetry.sdk.metrics.export import AggregationTemporality, InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+
+from roma_otel import semconv as sc
+from roma_otel.config import default_config
+from roma_otel.telemetry import DeferredHistogram, Telemetry
+
+
+def _points(reader: InMemoryMetricReader, name: str) -> list:
+    data = reader.get_metrics_data()
+    found = []
+    for rm in data.resource_metrics if data else []:
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                if metric.name == name:
+                    found.extend(metric.data.data_points)
+    return found
+
+
+def _make(readers: list[InMemoryMetricReader]) -> tuple[Telemetry, MeterProvider, TracerProvider]:
+    mp = MeterProvider(metric_readers=readers)
+    tp = TracerProvider()
+    return Telemetry(default_config(), tracer_provider=tp, meter_provider=mp), mp, tp
+
+
+TOOL = sc.M_TOOL_DURATION_MS[0]
+LABELS = {sc.L_TOOLKIT_CLASS: "Calc", sc.L_TOOL_NAME: "add"}
+
+
+def test_every_reader_sees_every_value_once_with_exact_sum_and_buckets() -> None:
+    first, second = InMemoryMetricReader(), InMemoryMetricReader()
+    tel, _, _ = _make([first, second])
+    values = [0.5, 3.0, 3.0, 250.0, 90_000.0]
+    for v in values:
+        tel.tool_duration.record(v, LABELS)
+    (p1,) = _points(first, TOOL)
+    (p2,) = _points(second, TOOL)  # drained by the first collection, still delivered to this reader
+    for point in (p1, p2):
+        assert point.count == len(values)
+        assert point.sum == pytest.approx(sum(values))
+        assert point.min == 0.5 and point.max == 90_000.0
+        assert dict(point.attributes) == LABELS
+        assert list(point.explicit_bounds) == list(sc.TOOL_DURATION_MS_BUCKETS)
+    # Cumulative readers keep the total; nothing is replayed twice on the next collection.
+    (again,) = _points(first, TOOL)
+    assert again.count == len(values)
+
+
+def test_values_land_in_the_interval_they_were_recorded_in() -> None:
+    reader = InMemoryMetricReader(preferred_temporality={Histogram: AggregationTemporality.DELTA})
+    tel, _, _ = _make([reader])
+    for v in (1.0, 2.0, 3.0):
+        tel.tool_duration.record(v, LABELS)
+    (p,) = _points(reader, TOOL)
+    assert (p.count, p.sum) == (3, 6.0)
+    tel.tool_duration.record(10.0, LABELS)
+    (p,) = _points(reader, TOOL)
+    assert (p.count, p.sum) == (1, 10.0)
+    assert _points(reader, TOOL) == []
+
+
+def test_exemplars_point_at_the_recording_span_not_the_collecting_one() -> None:
+    reader = InMemoryMetricReader()
+    tel, _, tp = _make([reader])
+    tracer = tp.get_tracer("test")
+    with tracer.start_as_current_span("tool call") as span:
+        tel.tool_duration.record(5.0, LABELS)
+    tel.tool_duration.record(6.0, LABELS)  # outside any span: no exemplar
+    with tracer.start_as_current_span("someone collecting"):
+        (p,) = _points(reader, TOOL)
+    exemplars = [e for e in p.exemplars]
+    assert [e.value for e in exemplars] == [5.0]
+    assert exemplars[0].trace_id == span.get_span_context().trace_id
+    assert exemplars[0].span_id == span.get_span_context().span_id
+
+
+def test_queue_is_bounded_without_any_collection(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(DeferredHistogram, "LIMIT", 10)
+    reader = InMemoryMetricReader()
+    tel, _, _ = _make([reader])
+    histogram = tel.tool_duration
+    for i in range(95):
+        histogram.record(float(i), LABELS)
+        assert len(histogram._pending) <= 10
+    (p,) = _points(reader, TOOL)
+    assert p.count == 95 and p.sum == sum(range(95))
+
+
+def test_concurrent_records_and_collections_lose_and_double_nothing() -> None:
+    reader = InMemoryMetricReader()
+    tel, _, _ = _make([reader])
+    per_thread, threads = 3000, 4
+    stop = threading.Event()
+
+    def collect() -> None:
+        while not stop.is_set():
+            reader.get_metrics_data()
+
+    def work() -> None:
+        for _ in range(per_thread):
+            tel.tool_duration.record(1.0, LABELS)
+
+    collector = threading.Thread(target=collect)
+    collector.start()
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    stop.set()
+    collector.join()
+    (p,) = _points(reader, TOOL)
+    assert p.count == per_thread * threads
+    assert p.sum == per_thread * threads
+
+
+def test_instrumenting_again_on_the_same_meter_shares_queues_and_totals() -> None:
+    reader = InMemoryMetricReader()
+    mp = MeterProvider(metric_readers=[reader])
+    first = Telemetry(default_config(), meter_provider=mp)
+    first.tool_duration.record(1.0, LABELS)
+    first.tool_invocations.add(1, LABELS)
+    second = Telemetry(default_config(), meter_provider=mp)
+    assert second.tool_duration is first.tool_duration
+    second.tool_duration.record(2.0, LABELS)
+    second.tool_invocations.add(1, LABELS)
+    (p,) = _points(reader, TOOL)
+    assert (p.count, p.sum) == (2, 3.0)
+    (c,) = _points(reader, sc.M_TOOL_INVOCATIONS[0])
+    assert c.value == 2
