@@ -280,3 +280,59 @@ def test_copy_fast_path_and_on_conflict_path_write_identical_rows(tel, migrated:
     errors = [r[8] for r in by_copy["tool_invocation_traces"] if r[8]]
     assert any("naïve" in e and "\t" in e and "\n" in e and "\\" in e for e in errors), errors
     assert execution_id in {r[0] for r in by_copy["lm_traces"]}
+
+
+def test_transactions_under_a_backlog_write_every_row_once(
+    tel, migrated: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backlog goes out in several transactions, each translated while Postgres finishes the one
+    before (see ``_drain``): every row must arrive, and none twice."""
+    import roma_otel.exporters.postgres as writer_module
+
+    monkeypatch.setattr(writer_module, "_MAX_BACKLOG_ROWS", 7)
+    monkeypatch.setattr(writer_module, "_COPY_CHUNK", 3)
+    ids = [run_execution(f"backlog {i}") for i in range(6)]
+    spans = [s for s in tel.spans() if classify(s)]
+    writer = PostgresSpanProcessor(migrated, spool_dir=tmp_path, batch_size=5, flush_interval=3600)
+    try:
+        for span in spans:  # all queued before the worker wakes: a backlog of several transactions
+            writer.on_end(span)
+        assert writer.force_flush(20_000)
+    finally:
+        writer.shutdown()
+    assert rows(migrated, "SELECT count(*), count(DISTINCT execution_id) FROM lm_traces") == [(12, 6)]
+    assert rows(migrated, "SELECT count(*) FROM tool_invocation_traces") == [(12,)]
+    assert rows(migrated, "SELECT count(*) FROM toolkit_traces") == [(12,)]
+    statuses = rows(migrated, "SELECT execution_id, status FROM executions ORDER BY execution_id")
+    assert statuses == sorted((i, "completed") for i in ids)
+    assert writer.dropped == 0 and list(tmp_path.glob("batch-*.json")) == []
+
+
+def test_a_translation_failure_is_counted_and_the_writer_goes_on(
+    tel, migrated: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = run_execution("first")
+    spans = [s for s in tel.spans() if classify(s)]
+    writer = PostgresSpanProcessor(migrated, spool_dir=tmp_path, flush_interval=3600)
+    original = writer._translate
+    calls = {"n": 0}
+
+    def flaky(items: list) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("translation bug")
+        return original(items)
+
+    monkeypatch.setattr(writer, "_translate", flaky)
+    try:
+        for span in spans:
+            writer.on_end(span)
+        assert writer.force_flush(20_000)
+        assert writer.dropped == len(spans)  # counted, not silently lost
+        for span in spans:  # the same spans again: the writer still works
+            writer.on_end(span)
+        assert writer.force_flush(20_000)
+    finally:
+        writer.shutdown()
+    assert rows(migrated, "SELECT status FROM executions WHERE execution_id = %s", first) == [("completed",)]
+    assert rows(migrated, "SELECT count(*) FROM lm_traces") == [(2,)]

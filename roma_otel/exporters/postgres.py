@@ -13,12 +13,13 @@ shutdown flushes within a bounded timeout and spools the rest. Anything dropped 
 from __future__ import annotations
 
 import collections
-import itertools
+import functools
 import json
 import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -171,7 +172,8 @@ _COPIES = (
 )
 
 
-_COPY_CHUNK = 200  # rows per COPY write
+_MAX_BACKLOG_ROWS = 5000  # spans per transaction when more than a batch is waiting
+_COPY_CHUNK = 50  # rows per COPY write: small, so Postgres starts early and finishes soon after the last
 
 
 def _json_default(value: Any) -> Any:
@@ -329,15 +331,46 @@ class PostgresSpanProcessor(SpanProcessor):
         if not self._replay_spool():
             self._spool_queue()
             return
-        while self._queue and not self._shutdown:
-            items = self._take(self.batch_size)
+        current = self._take_translated()
+        while current is not None:
+            items, batch = current
+            # Translate the next transaction while Postgres still indexes this one's last rows (called
+            # after the last COPY write, before the wait for the end of COPY and the commit), so Postgres
+            # is never left waiting for Python between transactions.
+            upcoming: list[tuple[list[ReadableSpan], Batch] | None] = []
+            prefetch = functools.partial(self._prefetch, upcoming)
             try:
-                batch = self._translate(items)
-                if (batch.executions or len(batch)) and not self._write_or_spool(batch):
-                    self._spool_queue()
-                    return
+                ok = not (batch.executions or len(batch)) or self._write_or_spool(batch, prefetch)
+                prefetch()
             finally:
                 self._done(len(items))
+            current = upcoming[0]
+            if not ok:
+                if current is not None:  # already taken off the queue: spool it with the rest
+                    try:
+                        self._spool(current[1])
+                    finally:
+                        self._done(len(current[0]))
+                self._spool_queue()
+                return
+
+    def _prefetch(self, into: list[tuple[list[ReadableSpan], Batch] | None]) -> None:
+        if not into:  # once per transaction, also when a duplicate makes the batch go again
+            into.append(self._take_translated())
+
+    def _take_translated(self) -> tuple[list[ReadableSpan], Batch] | None:
+        if not self._queue or self._shutdown:
+            return None
+        # Under a backlog, one transaction takes several batches: each transaction ends with a wait for
+        # Postgres to finish its rows and commit.
+        items = self._take(max(self.batch_size, _MAX_BACKLOG_ROWS))
+        try:
+            return items, self._translate(items)
+        except Exception as exc:  # a bug in translation: count the spans, never break the write in progress
+            logger.warning("roma-otel: cannot translate %d spans into rows: %r", len(items), exc, exc_info=exc)
+            self._count_drop(len(items), "translation error")
+            self._done(len(items))
+            return None
 
     def _translate(self, spans: list[ReadableSpan]) -> Batch:
         classified = [(kind, span) for span in spans if (kind := classify(span)) is not None]
@@ -354,9 +387,9 @@ class PostgresSpanProcessor(SpanProcessor):
             finally:
                 self._done(len(items))
 
-    def _write_or_spool(self, batch: Batch) -> bool:
+    def _write_or_spool(self, batch: Batch, before_end: Callable[[], None] | None = None) -> bool:
         try:
-            self._write(batch)
+            self._write(batch, before_end)
         except Exception as exc:
             self._failed(exc)
             self._spool(batch)
@@ -385,34 +418,34 @@ class PostgresSpanProcessor(SpanProcessor):
             self._conn = psycopg.connect(self.dsn, connect_timeout=5, autocommit=False)
         return self._conn
 
-    def _write(self, batch: Batch) -> None:
+    def _write(self, batch: Batch, before_end: Callable[[], None] | None = None) -> None:
         """Write one batch in one transaction: COPY straight into the tables when none of its rows is
         there yet (the normal case), else, after the unique index refuses a duplicate (a retried or
         replayed batch), the same rows through INSERT ... ON CONFLICT DO NOTHING."""
         from psycopg import errors
 
         try:
-            self._write_once(batch, fast=True)
+            self._write_once(batch, fast=True, before_end=before_end)
         except errors.UniqueViolation:
             self._write_once(batch, fast=False)
         self.written_rows += len(batch)
 
-    def _write_once(self, batch: Batch, *, fast: bool) -> None:
+    def _write_once(self, batch: Batch, *, fast: bool, before_end: Callable[[], None] | None = None) -> None:
+        """``before_end`` runs once the last COPY data is sent, while Postgres is still working on it."""
         conn = self._connection()
         with conn.transaction(), conn.cursor() as cur:
             # Parents first: every row's execution exists before its children arrive (they end first).
             if batch.executions:
                 cur.execute(_EXECUTIONS_FIRST_SEEN, (json.dumps(list(batch.executions.values())),))
             if fast:
-                for attr, table, columns, line in _COPIES:
-                    chunks = batch.iter_rows(attr, _COPY_CHUNK)
-                    first = next(chunks, None)
-                    if first is None:
-                        continue
+                copies = [c for c in _COPIES if batch.has_rows(c[0])]
+                for i, (attr, table, columns, line) in enumerate(copies):
                     with cur.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
                         # Translating and formatting chunk k+1 overlaps Postgres indexing chunk k.
-                        for rows in itertools.chain((first,), chunks):
+                        for rows in batch.iter_rows(attr, _COPY_CHUNK, keep=False):
                             copy.write(("\n".join(map(line, rows)) + "\n").encode())
+                        if before_end is not None and i == len(copies) - 1:
+                            before_end()
             else:
                 for attr, statement in _STATEMENTS:
                     rows = batch.rows(attr)

@@ -248,18 +248,30 @@ class Batch:
     def add(self, table: str, span: Any, attrs: dict[str, Any]) -> None:
         self._spans[table].append((span, attrs))
 
+    def has_rows(self, table: str) -> bool:
+        return bool(self._rows[table] or self._spans[table])
+
     def rows(self, table: str) -> list[dict[str, Any]]:
         """All rows of a child table (translating whatever is still pending)."""
         for _ in self.iter_rows(table, 1 << 30):
             pass
         return self._rows[table]
 
-    def iter_rows(self, table: str, size: int) -> Iterator[list[dict[str, Any]]]:
-        """The table's rows in chunks of ``size``, translating pending spans as it goes (and keeping them)."""
+    def iter_rows(self, table: str, size: int, *, keep: bool = True) -> Iterator[list[dict[str, Any]]]:
+        """The table's rows in chunks of ``size``, translating pending spans as it goes.
+
+        ``keep=False`` (the COPY stream) neither stores the translated rows nor forgets the spans: rows
+        that outlive their chunk would only feed the garbage collector's full passes, and a batch that has
+        to go again (ON CONFLICT, the spool) translates its spans again, to the same rows.
+        """
         done = self._rows[table]
         for start in range(0, len(done), size):
             yield done[start : start + size]
         pending, build = self._spans[table], _BUILDERS[table]
+        if not keep:
+            for start in range(0, len(pending), size):
+                yield [build(span, attrs) for span, attrs in pending[start : start + size]]
+            return
         while pending:
             chunk = [build(span, attrs) for span, attrs in pending[:size]]
             del pending[:size]
