@@ -9,7 +9,7 @@ by default, a throwaway cluster started like the test suite does. Usage:
 from __future__ import annotations
 
 import argparse
-import itertools
+import gc
 import os
 import statistics
 import sys
@@ -31,6 +31,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 import roma_otel
 from roma_otel.config import default_config
 from roma_otel.exporters.postgres import PostgresSpanProcessor
+from roma_otel.exporters.postgres_process import PostgresProcessSpanProcessor
 from roma_otel.storage.migrate import upgrade
 from roma_otel.storage.rows import classify, tool_invocation_row
 
@@ -71,12 +72,13 @@ def count(dsn: str) -> int:
         return conn.execute("SELECT count(*) FROM tool_invocation_traces").fetchone()[0]
 
 
-def ingest_writer(dsn: str, spans: list[Any], batch_size: int) -> float:
-    """Seconds from handing the first span to the processor until every row is committed."""
+def ingest_writer(dsn: str, spans: list[Any], batch_size: int, process: bool) -> float:
+    """Seconds from handing the first span to the writer until every row is committed."""
+    kind = PostgresProcessSpanProcessor if process else PostgresSpanProcessor
     with tempfile.TemporaryDirectory() as spool:
-        writer = PostgresSpanProcessor(dsn, batch_size=batch_size, spool_dir=spool, flush_interval=0.05)
+        writer = kind(dsn, batch_size=batch_size, spool_dir=spool, flush_interval=0.05)
         try:
-            assert writer.force_flush(30_000)  # connected
+            assert writer.force_flush(30_000)  # connected (the writer process has started and is waiting)
             start = time.perf_counter()
             for span in spans:
                 writer.on_end(span)
@@ -141,7 +143,7 @@ class DiscardingExporter(SpanExporter):
         pass
 
 
-APP_CONFIGS = ("writer off", "writer on")
+APP_CONFIGS = ("writer off", "writer on, thread", "writer on, process")
 
 
 def app_overhead(dsn: str, calls: int, rounds: int) -> dict[str, float]:
@@ -149,36 +151,71 @@ def app_overhead(dsn: str, calls: int, rounds: int) -> dict[str, float]:
 
     Every configuration exports its spans through a BatchSpanProcessor (as any real set-up does), so
     "writer off" pays the SDK's per-span export hand-over too and the difference is the writer's alone.
+    One MeterProvider serves every round and is collected after each measurement (a scrape), so queued
+    histogram values never pile up into a later measurement.
     """
     results: dict[str, list[float]] = {name: [] for name in APP_CONFIGS}
     tool = Bench()
-    for _, name in itertools.product(range(rounds), APP_CONFIGS):
-        provider = TracerProvider()
-        provider.add_span_processor(BatchSpanProcessor(DiscardingExporter(), max_queue_size=1 << 16))
-        config = default_config()
-        if name != "writer off":
-            config.storage.postgres.enabled = True
-            config.storage.postgres.connection_url = dsn
-        inst = roma_otel.RomaInstrumentor()
-        inst.instrument(
-            tracer_provider=provider, meter_provider=MeterProvider(metric_readers=[InMemoryMetricReader()]),
-            config=config,
-        )  # fmt: skip
-        try:
-            with roma_otel.execution("overhead"):
-                for i in range(100):
-                    tool.lookup(str(i))
-                if inst._postgres is not None:  # the steady state, not the writer's start-up (imports, connecting)
-                    assert inst._postgres.force_flush(30_000)
-                start = time.perf_counter()
-                for i in range(calls):
-                    tool.lookup(str(i))
-                results[name].append((time.perf_counter() - start) / calls * 1e6)
-        finally:
-            inst.uninstrument()
-            provider.shutdown()
-        reset(dsn)
+    reader = InMemoryMetricReader()
+    meter_provider = MeterProvider(metric_readers=[reader])
+    order = list(APP_CONFIGS)
+    for round_ in range(rounds):
+        for name in order[round_ % len(order) :] + order[: round_ % len(order)]:  # rotate who goes first
+            provider = TracerProvider()
+            provider.add_span_processor(BatchSpanProcessor(DiscardingExporter(), max_queue_size=1 << 16))
+            config = default_config()
+            if name != "writer off":
+                config.storage.postgres.enabled = True
+                config.storage.postgres.connection_url = dsn
+                config.storage.postgres.writer_process = name.endswith("process")
+            inst = roma_otel.RomaInstrumentor()
+            inst.instrument(tracer_provider=provider, meter_provider=meter_provider, config=config)
+            try:
+                with roma_otel.execution("overhead"):
+                    for i in range(100):
+                        tool.lookup(str(i))
+                    if inst._postgres is not None:  # the steady state, not the writer's start-up
+                        assert inst._postgres.force_flush(30_000)
+                    reader.get_metrics_data()
+                    gc.collect()
+                    start = time.perf_counter()
+                    for i in range(calls):
+                        tool.lookup(str(i))
+                    results[name].append((time.perf_counter() - start) / calls * 1e6)
+                    reader.get_metrics_data()
+            finally:
+                inst.uninstrument()
+                provider.shutdown()
+            reset(dsn)
     return {name: statistics.median(values) for name, values in results.items()}
+
+
+def ingestion(dsn: str, args: argparse.Namespace) -> None:
+    spans = make_spans(args.rows)
+    times: dict[str, list[float]] = {"thread": [], "process": [], "copy": [], "insert": []}
+    for _ in range(args.rounds):
+        for process in (False, True):
+            reset(dsn)
+            times["process" if process else "thread"].append(ingest_writer(dsn, spans, args.batch_size, process))
+            assert count(dsn) == args.rows, count(dsn)
+        reset(dsn)
+        times["copy"].append(raw_copy(dsn, spans))
+        reset(dsn)
+        seconds, n = insert_per_transaction(dsn, spans, args.insert_rows)
+        times["insert"].append(seconds / n)
+        reset(dsn)
+    rate = {k: args.rows / statistics.median(v) for k, v in times.items() if k != "insert"}
+    insert_rate = 1 / statistics.median(times["insert"])
+    print(f"rows={args.rows} batch_size={args.batch_size} rounds={args.rounds} (medians)")
+    print("| path | rows/s |")
+    print("|---|---:|")
+    print(f"| roma-otel writer on a thread, span end → committed row | {rate['thread']:,.0f} |")
+    print(f"| roma-otel writer process, span end → committed row | {rate['process']:,.0f} |")
+    print(f"| raw COPY of the same (pre-translated) rows | {rate['copy']:,.0f} |")
+    print(f"| one INSERT per transaction ({args.insert_rows} rows) | {insert_rate:,.0f} |")
+    print(f"\nwriter / raw COPY = {rate['thread'] / rate['copy']:.2f} on a thread, "
+          f"{rate['process'] / rate['copy']:.2f} as a process (target ≥ 0.8)")  # fmt: skip
+    print(f"writer / INSERT-per-transaction = {rate['process'] / insert_rate:.1f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--insert-rows", type=int, default=2_000, help="rows for the slow INSERT-per-transaction loop")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--app-calls", type=int, default=10_000, help="tool calls per app-thread measurement")
+    parser.add_argument("--app-rounds", type=int, default=9)
+    parser.add_argument("--skip-ingest", action="store_true", help="only the application-thread comparison")
     parser.add_argument("--dsn")
     args = parser.parse_args(argv)
 
@@ -204,32 +244,12 @@ def main(argv: list[str] | None = None) -> int:
         wait_ready(dsn)
     try:
         upgrade(dsn)
-        spans = make_spans(args.rows)
-        writer_s, copy_s, insert_s = [], [], []
-        for _ in range(args.rounds):
-            reset(dsn)
-            writer_s.append(ingest_writer(dsn, spans, args.batch_size))
-            assert count(dsn) == args.rows, count(dsn)
-            reset(dsn)
-            copy_s.append(raw_copy(dsn, spans))
-            reset(dsn)
-            seconds, n = insert_per_transaction(dsn, spans, args.insert_rows)
-            insert_s.append(seconds / n)
-            reset(dsn)
-        writer_rate = args.rows / statistics.median(writer_s)
-        copy_rate = args.rows / statistics.median(copy_s)
-        insert_rate = 1 / statistics.median(insert_s)
-        app = app_overhead(dsn, 5_000, args.rounds)
-        print(f"rows={args.rows} batch_size={args.batch_size} rounds={args.rounds} (medians)")
-        print("| path | rows/s |")
-        print("|---|---:|")
-        print(f"| roma-otel writer, span end → committed row | {writer_rate:,.0f} |")
-        print(f"| raw COPY of the same (pre-translated) rows | {copy_rate:,.0f} |")
-        print(f"| one INSERT per transaction ({args.insert_rows} rows) | {insert_rate:,.0f} |")
-        print(f"\nwriter / raw COPY = {writer_rate / copy_rate:.2f} (target ≥ 0.8)")
-        print(f"writer / INSERT-per-transaction = {writer_rate / insert_rate:.1f}")
+        if not args.skip_ingest:
+            ingestion(dsn, args)
+        app = app_overhead(dsn, args.app_calls, args.app_rounds)
         off = app["writer off"]
-        print("\napplication thread, one instrumented tool call inside an execution (median µs):")
+        print(f"\napplication thread, one instrumented tool call inside an execution "
+              f"(median µs over {args.app_rounds} rounds of {args.app_calls} calls):")  # fmt: skip
         for name, value in app.items():
             print(f"- {name}: {value:.1f} µs ({value / off:.3f}× writer off; target ≤ 1.1)")
     finally:

@@ -52,6 +52,7 @@ ENV_VARS: dict[str, str] = {
     "ROMA_OTEL_PROMETHEUS_HOST": "observability.prometheus.host",
     "ROMA_OTEL_PROMETHEUS_PORT": "observability.prometheus.port",
     "DATABASE_URL": "storage.postgres.connection_url",
+    "ROMA_OTEL_POSTGRES_WRITER_PROCESS": "storage.postgres.writer_process",
     "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT": "observability.content_capture.enabled",
 }
 
@@ -241,6 +242,9 @@ class PostgresConfig(_Section):
     connection_url: str | None = _leaf(None, "optstr")
     pool_min_size: int = _leaf(1, "int", 0)
     pool_max_size: int = _leaf(10, "int", 0)
+    # Translate and write rows in a child process (no GIL shared with the application); false keeps the
+    # writer on a thread of the application's process.
+    writer_process: bool = _leaf(True, "bool")
 
     def _check_related(self, name: str, value: Any) -> None:
         # Read __dict__, not getattr: during __init__ getattr would see the class-level default of a bound

@@ -188,7 +188,7 @@ def test_env_overrides_yaml(tmp_path: Path) -> None:
 
 def test_every_env_var_is_applied() -> None:
     # Catches a table entry whose dotted key no longer resolves or is silently skipped.
-    assert len(ENV_VARS) == 14
+    assert len(ENV_VARS) == 15
     samples = {"int": "1234", "float": "0.5"}
     for name, dotted in ENV_VARS.items():
         section_path, leaf = dotted.rsplit(".", 1)
@@ -505,5 +505,6 @@ def test_to_dict_round_trip(tmp_path: Path) -> None:
         "connection_url": "pg://x",
         "pool_min_size": 1,
         "pool_max_size": 10,
+        "writer_process": True,
     }
     assert config_from_dict(json.loads(json.dumps(data))) == cfg

@@ -31,7 +31,7 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from roma_otel.storage.rows import ROOT, Batch, classify, to_batch
 from roma_otel.telemetry import SCOPE
 
-__all__ = ["PostgresSpanProcessor", "default_spool_dir"]
+__all__ = ["PostgresSpanProcessor", "QueueingSpanProcessor", "default_spool_dir"]
 
 logger = logging.getLogger("roma_otel")
 
@@ -195,12 +195,10 @@ except ImportError:  # pragma: no cover - without DSPy's dependencies
     _encode_json = _ENCODER.encode
 
 
-class PostgresSpanProcessor(SpanProcessor):
-    """Persists roma-otel spans into the trace tables. Thread-safe; the application never waits on it.
-
-    ``async_persist=False`` makes the end of each execution flush synchronously (bounded by
-    ``flush_timeout``), as the seed's ``async_persist: false`` asks.
-    """
+class QueueingSpanProcessor(SpanProcessor):
+    """What every Postgres writer shares: its settings, the bounded queue ``on_end`` feeds (roma-otel's
+    spans only), the synchronous flush at an execution's end, and drop counting. Subclasses create
+    ``_lock`` and ``_wake`` and decide what happens to the queue."""
 
     def __init__(
         self,
@@ -228,8 +226,79 @@ class PostgresSpanProcessor(SpanProcessor):
         self._on_drop = on_drop  # callable(count, reason) -> None, e.g. a metric
         self.dropped = 0
         self.written_rows = 0
+        self.disposed = 0  # spans written, spooled, skipped or dropped: nothing more will happen to them
         self._drop_logged = False
-        self._queue: collections.deque[ReadableSpan] = collections.deque()
+        self._shutdown = False
+        self._queue: collections.deque[Any] = collections.deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor's keyword arguments, as given (for a writer doing the same job elsewhere)."""
+        return {
+            "batch_size": self.batch_size,
+            "flush_interval": self.flush_interval,
+            "max_queue_size": self.max_queue_size,
+            "spool_dir": str(self.spool_dir),
+            "max_spool_bytes": self.max_spool_bytes,
+            "persist_toolkit": self.persist_toolkit,
+            "async_persist": self.async_persist,
+            "flush_timeout": self.flush_timeout,
+        }
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        return None
+
+    def on_end(self, span: ReadableSpan) -> None:
+        # The application thread only queues roma-otel's spans; everything else is the writer's job.
+        if self._shutdown or span.instrumentation_scope is None or span.instrumentation_scope.name != SCOPE:
+            return
+        with self._lock:
+            if len(self._queue) >= self.max_queue_size:
+                self._queue.popleft()
+                self._count_drop(1, "queue full")
+                self.disposed += 1
+            self._queue.append(span)
+            full = len(self._queue) >= self.batch_size
+        if full:
+            self._wake.set()
+        if not self.async_persist and classify(span) == ROOT:
+            self.force_flush(int(self.flush_timeout * 1000))
+
+    def _wait_until_idle(self, condition: threading.Condition, busy: Callable[[], bool], deadline: float) -> bool:
+        """Wake the worker and wait until the queue is empty and ``busy()`` is false; False at ``deadline``."""
+        self._wake.set()
+        with condition:
+            while self._queue or busy():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                condition.wait(min(remaining, 0.05))
+                self._wake.set()
+        return True
+
+    def _count_drop(self, n: int, reason: str) -> None:
+        self.dropped += n
+        if self._on_drop is not None:
+            try:
+                self._on_drop(n, reason)
+            except Exception:
+                pass
+        if not self._drop_logged:
+            self._drop_logged = True
+            logger.error("roma-otel: dropped %d trace rows (%s); counting further drops silently", n, reason)
+
+
+class PostgresSpanProcessor(QueueingSpanProcessor):
+    """The writer engine: persists roma-otel spans into the trace tables from a worker thread.
+    Thread-safe; the application never waits on it.
+
+    ``async_persist=False`` makes the end of each execution flush synchronously (bounded by
+    ``flush_timeout``), as the seed's ``async_persist: false`` asks.
+    """
+
+    def __init__(self, dsn: str, **settings: Any) -> None:
+        super().__init__(dsn, **settings)
         self._nodes: dict[str, list[dict[str, Any]]] = {}
         self._conn: Any = None
         self._backoff = 0.0
@@ -249,38 +318,25 @@ class PostgresSpanProcessor(SpanProcessor):
         self._worker.start()
 
     # --- SpanProcessor ------------------------------------------------------------------------------
-    def on_start(self, span: Any, parent_context: Any = None) -> None:
-        return None
-
-    def on_end(self, span: ReadableSpan) -> None:
-        # The application thread only queues roma-otel's spans; classifying and translating them is the
-        # worker's job.
-        if self._shutdown or span.instrumentation_scope is None or span.instrumentation_scope.name != SCOPE:
+    def enqueue(self, spans: list[Any]) -> None:
+        """Queue already-selected roma-otel spans (or ``SpanRecord`` copies of them) in one go."""
+        if self._shutdown:
             return
         with self._lock:
-            if len(self._queue) >= self.max_queue_size:
+            self._queue.extend(spans)
+            over = len(self._queue) - self.max_queue_size
+            for _ in range(max(0, over)):
                 self._queue.popleft()
-                self._count_drop(1, "queue full")
-            self._queue.append(span)
-            full = len(self._queue) >= self.batch_size
-        if full:
-            self._wake.set()
-        if not self.async_persist and classify(span) == ROOT:
-            self.force_flush(int(self.flush_timeout * 1000))
+            if over > 0:
+                self._count_drop(over, "queue full")
+                self.disposed += over
+        self._wake.set()
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         """Wait until everything queued so far is written (or spooled); True when done in time."""
         deadline = time.monotonic() + timeout_millis / 1000.0
         self._retry_at = 0.0  # a flush is a good moment to try the database again
-        self._wake.set()
-        with self._idle:
-            while self._queue or self._pending:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._idle.wait(min(remaining, 0.05))
-                self._wake.set()
-        return True
+        return self._wait_until_idle(self._idle, lambda: self._pending > 0, deadline)
 
     def shutdown(self) -> None:
         if self._shutdown:
@@ -293,6 +349,7 @@ class PostgresSpanProcessor(SpanProcessor):
         leftover = self._take(len(self._queue))
         if leftover or self._nodes:
             self._spool(self._translate(leftover))
+        self.disposed += len(leftover)
         if self._conn is not None:
             try:
                 self._conn.close()
@@ -309,6 +366,7 @@ class PostgresSpanProcessor(SpanProcessor):
     def _done(self, n: int) -> None:
         with self._idle:
             self._pending -= n
+            self.disposed += n
             self._idle.notify_all()
 
     def _run(self) -> None:
@@ -496,14 +554,3 @@ class PostgresSpanProcessor(SpanProcessor):
             path.unlink(missing_ok=True)
             self._backoff = 0.0
         return True
-
-    def _count_drop(self, n: int, reason: str) -> None:
-        self.dropped += n
-        if self._on_drop is not None:
-            try:
-                self._on_drop(n, reason)
-            except Exception:
-                pass
-        if not self._drop_logged:
-            self._drop_logged = True
-            logger.error("roma-otel: dropped %d trace rows (%s); counting further drops silently", n, reason)

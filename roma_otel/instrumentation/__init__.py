@@ -8,6 +8,7 @@ ROMA when present. ``uninstrument()`` restores every original, in reverse order.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Collection
 from typing import Any
@@ -102,13 +103,18 @@ class RomaInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         from opentelemetry import trace
 
         from roma_otel.exporters.postgres import PostgresSpanProcessor
+        from roma_otel.exporters.postgres_process import PostgresProcessSpanProcessor
 
         provider = tracer_provider if tracer_provider is not None else trace.get_tracer_provider()
         if not hasattr(provider, "add_span_processor"):
             logger.warning("roma-otel: storage.postgres needs an SDK TracerProvider; Postgres persistence is off")
             return None
         tm = config.observability.toolkit_metrics
-        processor = PostgresSpanProcessor(
+        # The writer process itself never starts another one (it runs with the SDK disabled, but code
+        # it imports could still call instrument() with storage.postgres on).
+        in_child = os.environ.get("ROMA_OTEL_WRITER_PROCESS") == "1"
+        writer = PostgresProcessSpanProcessor if pg.writer_process and not in_child else PostgresSpanProcessor
+        processor = writer(
             pg.connection_url,
             batch_size=tm.batch_size,
             persist_toolkit=tm.enabled and tm.persist_to_db,

@@ -73,7 +73,10 @@ def span_attributes(span: Any) -> dict[str, Any]:
     inner = getattr(getattr(span, "_attributes", None), "_dict", None)
     if isinstance(inner, dict):
         return inner
-    return dict(span.attributes or {})
+    attrs = span.attributes
+    if type(attrs) is dict:  # a SpanRecord from the writer process: already a private plain dict
+        return attrs
+    return dict(attrs or {})
 
 
 def classify(span: Any, attrs: dict[str, Any] | None = None) -> str | None:

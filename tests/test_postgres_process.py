@@ -1,0 +1,104 @@
+"""The writer process (the default Postgres writer) against a real PostgreSQL: rows arrive, a killed
+child loses nothing, a shutdown with the database down spools everything, and the child never
+instruments itself."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from roma_otel.exporters.postgres import PostgresSpanProcessor
+from roma_otel.exporters.postgres_process import PostgresProcessSpanProcessor, SpanRecord, _child_environment, snapshot
+from roma_otel.storage.rows import classify, span_attributes, tool_invocation_row
+from tests.test_postgres_writer import (  # noqa: F401
+    migrated,
+    processor_of,
+    replay_spool,
+    rows,
+    run_execution,
+    writer_config,
+)
+
+
+def test_instrumentation_writes_through_the_writer_process(make_tel, migrated: str) -> None:  # noqa: F811
+    tel = make_tel(writer_config(migrated))
+    writer = processor_of(tel)
+    assert isinstance(writer, PostgresProcessSpanProcessor) and writer.uses_process
+    assert writer._proc is not None and writer._proc.pid != os.getpid() and writer._proc.poll() is None
+    execution_id = run_execution()
+    assert writer.force_flush(20_000)
+    assert rows(migrated, "SELECT status FROM executions WHERE execution_id = %s", execution_id) == [("completed",)]
+    assert rows(migrated, "SELECT count(*) FROM lm_traces") == [(2,)]
+    assert rows(migrated, "SELECT count(*) FROM tool_invocation_traces") == [(2,)]
+    assert writer.written_rows >= 6 and writer.dropped == 0
+
+
+def test_a_span_record_translates_exactly_like_the_span(tel) -> None:
+    run_execution()
+    tool = next(s for s in tel.spans() if classify(s) == "tool")
+    record = SpanRecord(*snapshot(tool))
+    assert classify(record) == "tool"
+    assert span_attributes(record) == dict(tool.attributes)
+    assert tool_invocation_row(record) == tool_invocation_row(tool)
+
+
+def test_killing_the_writer_process_loses_nothing(tel, migrated: str, tmp_path: Path) -> None:  # noqa: F811
+    first = [run_execution(f"before {i}") for i in range(3)]
+    cut = len(tel.spans())
+    second = [run_execution(f"after {i}") for i in range(3)]
+    spans = [s for s in tel.spans() if classify(s)]
+    before = [s for s in tel.spans()[:cut] if classify(s)]
+    after = [s for s in spans if s not in before]
+    writer = PostgresProcessSpanProcessor(migrated, spool_dir=tmp_path, batch_size=4, flush_interval=0.05)
+    try:
+        assert writer.force_flush(20_000) and writer.uses_process
+        for span in before:
+            writer.on_end(span)
+        assert writer.force_flush(20_000)
+        os.kill(writer._proc.pid, signal.SIGKILL)  # the writer dies between flushes
+        for span in after:
+            writer.on_end(span)
+        assert writer.force_flush(30_000)
+        assert not writer.uses_process  # the rest went through the in-process writer
+    finally:
+        writer.shutdown()
+    completed = {r[0] for r in rows(migrated, "SELECT execution_id FROM executions WHERE status = 'completed'")}
+    assert set(first + second) <= completed
+    assert rows(migrated, "SELECT count(*) FROM lm_traces") == [(12,)]  # each row once
+    assert rows(migrated, "SELECT count(*) FROM tool_invocation_traces") == [(12,)]
+
+
+def test_shutdown_with_the_database_down_spools_everything(tel, migrated: str, tmp_path: Path) -> None:  # noqa: F811
+    execution_id = run_execution()
+    spans = [s for s in tel.spans() if classify(s)]
+    writer = PostgresProcessSpanProcessor("postgresql://nobody@127.0.0.1:1/none", spool_dir=tmp_path, flush_timeout=2)
+    for span in spans:
+        writer.on_end(span)
+    started = time.monotonic()
+    writer.shutdown()
+    assert time.monotonic() - started < 20  # bounded, even with nothing listening
+    assert writer._proc.poll() is not None  # the child is gone
+    assert list(tmp_path.glob("batch-*.json"))
+
+    replay_spool(migrated, tmp_path)
+    assert rows(migrated, "SELECT status FROM executions WHERE execution_id = %s", execution_id) == [("completed",)]
+    assert rows(migrated, "SELECT count(*) FROM lm_traces") == [(2,)]
+
+
+def test_the_child_never_instruments_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    auto = os.path.join("site-packages", "opentelemetry", "instrumentation", "auto_instrumentation")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([auto, "/somewhere/else"]))
+    env = _child_environment()
+    entries = env["PYTHONPATH"].split(os.pathsep)
+    assert auto not in entries and "/somewhere/else" in entries
+    assert env["OTEL_SDK_DISABLED"] == "true" and env["ROMA_OTEL_WRITER_PROCESS"] == "1"
+
+
+def test_the_child_process_starts_no_writer_of_its_own(make_tel, migrated: str, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811,E501
+    monkeypatch.setenv("ROMA_OTEL_WRITER_PROCESS", "1")  # as inside the writer process
+    tel = make_tel(writer_config(migrated))
+    assert type(processor_of(tel)) is PostgresSpanProcessor
