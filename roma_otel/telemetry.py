@@ -97,7 +97,8 @@ class DeferredHistogram:
     which the SDK runs at the start of every collection before it reads any aggregation: each reader
     sees every value exactly once, in the collection interval it was recorded in, with the same names,
     units, buckets and views. The recording thread drains the queue itself once it holds ``limit``
-    values, so memory stays bounded when nothing collects (or collects rarely, under a heavy load).
+    values, a few per record, so memory stays bounded when nothing collects (or collects rarely, under a
+    heavy load) and no single call pays for a long queue.
 
     Exemplars keep their span: the span context is queued with the value and replayed as the
     measurement's context. Their timestamp is the collection's, not the record's.
@@ -106,6 +107,7 @@ class DeferredHistogram:
     __slots__ = ("__weakref__", "_histogram", "_limit", "_pending")
 
     LIMIT = 4096
+    DRAIN_STEP = 16
 
     def __init__(self, state: _MeterState, spec: tuple[str, str, str], buckets: tuple[float, ...]) -> None:
         self._histogram = state.meter.create_histogram(
@@ -121,15 +123,19 @@ class DeferredHistogram:
         pending = self._pending
         pending.append((value, attributes, span.get_span_context()))
         if len(pending) > self._limit:
-            self.drain()
+            # A few at a time, so no single call pays for thousands of values.
+            self.drain(self.DRAIN_STEP)
 
-    def drain(self) -> None:
-        """Hand every queued value to the SDK. Safe from any thread: each value is taken exactly once."""
+    def drain(self, most: int | None = None) -> None:
+        """Hand queued values to the SDK (all, or at most ``most``), oldest first. Safe from any thread:
+        each value is taken exactly once."""
         pending = self._pending
         record = self._histogram.record
+        left = most if most is not None else -1
         last_span_context: SpanContext | None = None
         context = _NO_SPAN_CONTEXT
-        while True:
+        while left:
+            left -= 1
             try:
                 value, attributes, span_context = pending.popleft()
             except IndexError:

@@ -86,16 +86,20 @@ def test_exemplars_point_at_the_recording_span_not_the_collecting_one() -> None:
     assert exemplars[0].span_id == span.get_span_context().span_id
 
 
-def test_queue_is_bounded_without_any_collection(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(DeferredHistogram, "LIMIT", 10)
+def test_queue_is_bounded_without_any_collection_and_drains_a_little_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(DeferredHistogram, "LIMIT", 100)
+    monkeypatch.setattr(DeferredHistogram, "DRAIN_STEP", 4)
     reader = InMemoryMetricReader()
     tel, _, _ = _make([reader])
     histogram = tel.tool_duration
-    for i in range(95):
+    for i in range(500):
         histogram.record(float(i), LABELS)
-        assert len(histogram._pending) <= 10
+        if i >= 100:  # bounded, and never emptied in one go by the call that crossed the limit
+            assert 97 <= len(histogram._pending) <= 100
     (p,) = _points(reader, TOOL)
-    assert p.count == 95 and p.sum == sum(range(95))
+    assert p.count == 500 and p.sum == sum(range(500))
 
 
 def test_concurrent_records_and_collections_lose_and_double_nothing() -> None:
