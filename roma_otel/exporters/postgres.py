@@ -297,15 +297,21 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
     ``flush_timeout``), as the seed's ``async_persist: false`` asks.
     """
 
-    def __init__(self, dsn: str, **settings: Any) -> None:
+    def __init__(self, dsn: str, *, threaded: bool = True, **settings: Any) -> None:
+        """``threaded=False``: no worker thread; the owner calls ``drain()`` (the writer process does)."""
         super().__init__(dsn, **settings)
         self._nodes: dict[str, list[dict[str, Any]]] = {}
         self._conn: Any = None
         self._backoff = 0.0
         self._retry_at = 0.0
         self._spool_seq = 0
+        self._threaded = threaded
+        self._worker: threading.Thread | None = None
+        self.before_prefetch: Callable[[], None] | None = None  # runs while Postgres finishes a COPY
+        self.after_transaction: Callable[[], None] | None = None
         self._init_threading()
-        os.register_at_fork(after_in_child=self._init_threading)
+        if threaded:
+            os.register_at_fork(after_in_child=self._init_threading)
 
     def _init_threading(self) -> None:
         self._lock = threading.Lock()
@@ -314,8 +320,13 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
         self._pending = 0  # spans taken off the queue but not yet written or spooled
         self._shutdown = False
         self._conn = None
-        self._worker = threading.Thread(target=self._run, name="roma-otel-postgres", daemon=True)
-        self._worker.start()
+        if self._threaded:
+            self._worker = threading.Thread(target=self._run, name="roma-otel-postgres", daemon=True)
+            self._worker.start()
+
+    def drain(self) -> None:
+        """Write (or spool) everything queued, in this thread: the loop of a writer without a thread."""
+        self._drain()
 
     # --- SpanProcessor ------------------------------------------------------------------------------
     def enqueue(self, spans: list[Any]) -> None:
@@ -336,6 +347,10 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
         """Wait until everything queued so far is written (or spooled); True when done in time."""
         deadline = time.monotonic() + timeout_millis / 1000.0
         self._retry_at = 0.0  # a flush is a good moment to try the database again
+        if not self._threaded:
+            while self._queue and time.monotonic() < deadline:
+                self._drain()
+            return not self._queue
         return self._wait_until_idle(self._idle, lambda: self._pending > 0, deadline)
 
     def shutdown(self) -> None:
@@ -344,7 +359,8 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
         self.force_flush(int(self.flush_timeout * 1000))
         self._shutdown = True
         self._wake.set()
-        self._worker.join(self.flush_timeout)
+        if self._worker is not None:
+            self._worker.join(self.flush_timeout)
         # Whatever could not be written in time goes to the spool: a clean shutdown loses nothing.
         leftover = self._take(len(self._queue))
         if leftover or self._nodes:
@@ -402,6 +418,8 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
                 prefetch()
             finally:
                 self._done(len(items))
+                if self.after_transaction is not None:
+                    self.after_transaction()
             current = upcoming[0]
             if not ok:
                 if current is not None:  # already taken off the queue: spool it with the rest
@@ -414,6 +432,8 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
 
     def _prefetch(self, into: list[tuple[list[ReadableSpan], Batch] | None]) -> None:
         if not into:  # once per transaction, also when a duplicate makes the batch go again
+            if self.before_prefetch is not None:
+                self.before_prefetch()
             into.append(self._take_translated())
 
     def _take_translated(self) -> tuple[list[ReadableSpan], Batch] | None:

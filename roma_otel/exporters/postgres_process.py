@@ -25,6 +25,7 @@ import gc
 import logging
 import os
 import pickle
+import select
 import struct
 import subprocess
 import sys
@@ -360,15 +361,44 @@ class PostgresProcessSpanProcessor(QueueingSpanProcessor):
 
 
 # --- the child ----------------------------------------------------------------------------------------
+class _FrameReader:
+    """Frames from a pipe without blocking: whatever has arrived, parsed, the rest kept for later."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buffer = bytearray()
+        self.closed = False
+
+    def poll(self, timeout: float) -> list[Any]:
+        """Messages that arrived, waiting up to ``timeout`` seconds for the first bytes."""
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        while ready and not self.closed:
+            data = os.read(self.fd, 1 << 20)
+            if not data:
+                self.closed = True
+                break
+            self.buffer += data
+            ready, _, _ = select.select([self.fd], [], [], 0)
+        messages = []
+        buffer, at = self.buffer, 0
+        while len(buffer) - at >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(buffer, at)
+            end = at + _HEADER.size + size
+            if len(buffer) < end:
+                break
+            messages.append(pickle.loads(memoryview(buffer)[at + _HEADER.size : end]))
+            at = end
+        del buffer[:at]
+        return messages
+
+
 def _child_main() -> int:
     # This process is ours alone, so it may be tuned for its job: it yields the CPU to the application
-    # whenever both want it (the rows can wait; the application's calls cannot), and its two threads
-    # (the pipe reader and the writer) hand the GIL over within 0.5 ms instead of 5.
+    # whenever both want it (the rows can wait; the application's calls cannot).
     try:
         os.nice(10)
     except OSError:
         pass
-    sys.setswitchinterval(0.0005)
     # The records passing through are acyclic and short-lived, yet each one is four GC-tracked objects:
     # with the default thresholds a backlog of them set off collection after collection (building a
     # record cost 10 µs instead of 0.5). Everything imported so far is frozen out of the collector's
@@ -376,57 +406,67 @@ def _child_main() -> int:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
-    stdin = sys.stdin.buffer
     # Frames go out on a private copy of stdout; anything else printing goes to stderr.
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
-    settings = _read_frame(stdin)
-    if settings is None:
+    reader = _FrameReader(sys.stdin.fileno())
+    pending: collections.deque[Any] = collections.deque()
+    while not pending and not reader.closed:
+        pending.extend(reader.poll(5.0))
+    if not pending or not isinstance(pending[0], dict):
         return 1
-    out_lock = threading.Lock()
+    settings = pending.popleft()
 
     def send(message: Any) -> None:
-        with out_lock:
-            _write_frame(out, message)
+        _write_frame(out, message)
 
+    # One thread does everything: it reads the pipe between transactions (and while Postgres finishes
+    # each COPY), so no GIL is handed back and forth inside this process.
     writer = PostgresSpanProcessor(
-        settings.pop("dsn"), on_drop=lambda n, reason: send(("drop", n, reason)), **settings
+        settings.pop("dsn"), threaded=False, on_drop=lambda n, reason: send(("drop", n, reason)), **settings
     )
-    stop = threading.Event()
+    reported = (-1, -1)
 
     def report() -> None:
-        last = (-1, -1)
-        while True:
-            now = (writer.disposed, writer.written_rows)
-            if now != last:
-                last = now
-                send(("progress", *now))
-            if stop.wait(0.05):
-                return
+        nonlocal reported
+        now = (writer.disposed, writer.written_rows)
+        if now != reported:
+            reported = now
+            send(("progress", *now))
 
-    reporter = threading.Thread(target=report, name="roma-otel-postgres-progress", daemon=True)
-    reporter.start()
-    try:
-        while True:
-            message = _read_frame(stdin)
-            if message is None:  # the application is gone: write what we have, spool the rest
-                writer.shutdown()
-                return 0
-            kind = message[0]
-            if kind == "spans":
-                writer.enqueue([SpanRecord(*t) for t in message[1]])
-            elif kind == "flush":
+    def take_arrived() -> None:
+        pending.extend(reader.poll(0))
+        while pending and pending[0][0] == "spans":
+            writer.enqueue([SpanRecord(*t) for t in pending.popleft()[1]])
+
+    writer.before_prefetch = take_arrived
+    writer.after_transaction = report
+    last_write = time.monotonic()
+    while True:
+        if not pending:
+            waited = max(0.0, writer.flush_interval - (time.monotonic() - last_write)) if writer._queue else None
+            pending.extend(reader.poll(waited if waited is not None else 1.0))
+        take_arrived()
+        if pending:  # a control message, in order after the spans before it
+            message = pending.popleft()
+            if message[0] == "flush":
                 ok = writer.force_flush(int(message[2] * 1000))
-                send(("progress", writer.disposed, writer.written_rows))
+                report()
                 send(("flushed", message[1], ok))
-            elif kind == "stop":
+            elif message[0] == "stop":
                 writer.flush_timeout = float(message[1])
                 writer.shutdown()
-                send(("progress", writer.disposed, writer.written_rows))
+                report()
                 send(("stopped",))
                 return 0
-    finally:
-        stop.set()
+        if reader.closed and not pending:  # the application is gone: write what we have, spool the rest
+            writer.shutdown()
+            return 0
+        now = time.monotonic()
+        if writer._queue and (len(writer._queue) >= writer.batch_size or now - last_write >= writer.flush_interval):
+            writer.drain()
+            last_write = time.monotonic()
+            report()
 
 
 if __name__ == "__main__":
