@@ -352,3 +352,38 @@ def test_instrumentation_dependencies_match_the_instruments_extra() -> None:
     assert list(extra) == list(_instruments)
     # The installed DSPy satisfies it, so opentelemetry-instrument will not skip roma-otel.
     assert get_dependency_conflicts(list(deps)) is None
+
+
+def test_zero_code_postgres_rows_arrive_through_the_writer_process(tmp_path: Path, pg_dsn: str) -> None:
+    """A new user's Postgres set-up under opentelemetry-instrument: a YAML config, no code. The rows
+    arrive through the writer process, which must not instrument itself (no second writer, no spans)."""
+    import psycopg
+
+    from roma_otel.storage.migrate import upgrade
+
+    upgrade(pg_dsn)
+    config = tmp_path / "roma-otel.yaml"
+    config.write_text(f"storage:\n  postgres:\n    enabled: true\n    connection_url: {pg_dsn}\n")
+    app = _Launched(
+        tmp_path, "postgres", {"OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "dspy", "ROMA_OTEL_CONFIG": str(config)}
+    )
+    try:
+        app.wait_ready()
+        scrape = app.scrape()
+        app.release()
+        run = app.result(scrape)
+    finally:
+        app.close()
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "writing rows from this process instead" not in run.stderr  # the child started and stayed up
+    assert "roma-otel writer:" not in run.stderr  # and logged no warning of its own
+    with psycopg.connect(pg_dsn) as conn:
+        executions = conn.execute("SELECT execution_id, status FROM executions").fetchall()
+        lm_rows = conn.execute("SELECT count(*) FROM lm_traces").fetchone()[0]
+    span_executions = {
+        s["attributes"]["roma.execution.id"] for s in _roma_spans(run.spans()) if "roma.execution.id" in s["attributes"]
+    }
+    assert executions and {e for e, _ in executions} == span_executions
+    assert all(status == "completed" for _, status in executions)
+    llm_spans = [s for s in run.spans() if s["attributes"].get("gen_ai.operation.name") == "chat"]
+    assert lm_rows == len(llm_spans) > 0
