@@ -293,11 +293,10 @@ def test_copy_fast_path_and_on_conflict_path_write_identical_rows(tel, migrated:
 def test_transactions_under_a_backlog_write_every_row_once(
     tel, migrated: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A backlog goes out in several transactions, each translated while Postgres finishes the one
-    before (see ``_drain``): every row must arrive, and none twice."""
+    """A backlog goes out in several transactions of batch_size, each translated while Postgres finishes
+    the one before (see ``_drain``): every row must arrive, and none twice."""
     import roma_otel.exporters.postgres as writer_module
 
-    monkeypatch.setattr(writer_module, "_MAX_BACKLOG_ROWS", 7)
     monkeypatch.setattr(writer_module, "_COPY_CHUNK", 3)
     ids = [run_execution(f"backlog {i}") for i in range(6)]
     spans = [s for s in tel.spans() if classify(s)]

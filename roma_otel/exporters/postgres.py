@@ -172,7 +172,6 @@ _COPIES = (
 )
 
 
-_MAX_BACKLOG_ROWS = 5000  # spans per transaction when more than a batch is waiting
 _COPY_CHUNK = 50  # rows per COPY write: small, so Postgres starts early and finishes soon after the last
 
 
@@ -439,9 +438,7 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
     def _take_translated(self) -> tuple[list[ReadableSpan], Batch] | None:
         if not self._queue or self._shutdown:
             return None
-        # Under a backlog, one transaction takes several batches: each transaction ends with a wait for
-        # Postgres to finish its rows and commit.
-        items = self._take(max(self.batch_size, _MAX_BACKLOG_ROWS))
+        items = self._take(self.batch_size)  # one transaction per batch of batch_size
         try:
             return items, self._translate(items)
         except Exception as exc:  # a bug in translation: count the spans, never break the write in progress
