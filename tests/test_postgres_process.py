@@ -102,3 +102,17 @@ def test_the_child_process_starts_no_writer_of_its_own(make_tel, migrated: str, 
     monkeypatch.setenv("ROMA_OTEL_WRITER_PROCESS", "1")  # as inside the writer process
     tel = make_tel(writer_config(migrated))
     assert type(processor_of(tel)) is PostgresSpanProcessor
+
+
+def test_after_shutdown_nothing_more_happens(tel, migrated: str, tmp_path: Path) -> None:  # noqa: F811
+    run_execution()
+    spans = [s for s in tel.spans() if classify(s)]
+    writer = PostgresProcessSpanProcessor(migrated, spool_dir=tmp_path)
+    for span in spans:
+        writer.on_end(span)
+    writer.shutdown()
+    assert writer._proc.poll() == 0 and writer.uses_process  # the child stopped cleanly, no fallback
+    writer.on_end(spans[0])  # ignored
+    assert writer.force_flush(1_000) and writer.uses_process and not writer._queue
+    writer.shutdown()  # idempotent
+    assert rows(migrated, "SELECT count(*) FROM lm_traces") == [(2,)]
