@@ -72,7 +72,10 @@ class FastCounter:
         state.meter.create_observable_counter(spec[0], callbacks=[self._observe], unit=spec[1], description=spec[2])
 
     def add(self, amount: float, attributes: dict[str, Any]) -> None:
-        key = frozenset(attributes.items())
+        self.add_key(amount, frozenset(attributes.items()))
+
+    def add_key(self, amount: float, key: frozenset[tuple[str, Any]]) -> None:
+        """``add`` with the attributes already frozen (callers that reuse one label set keep the key)."""
         with self._lock:
             self._totals[key] = self._totals.get(key, 0) + amount
 

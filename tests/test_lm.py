@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 import dspy
 import litellm
@@ -97,6 +98,28 @@ def test_lm_failure_is_recorded_and_reraised_unchanged(tel) -> None:
     assert span.attributes[sc.ERROR_TYPE] == type(raised).__qualname__
     assert tel.metric_sum(sc.M_GENAI_OPERATION_DURATION[0], **{sc.ERROR_TYPE: type(raised).__qualname__}) == 1
     assert tel.metric_sum(sc.M_LM_CALLS[0]) == 1
+
+
+class _Failing(dspy.BaseLM):
+    """An LM whose call raises the exception it was made with (DSPy wraps provider errors itself)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(model="openai/gpt-4o-mini")
+        self.error = error
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise self.error
+
+
+def test_each_failed_call_keeps_its_own_error_label(tel) -> None:
+    # Label sets are built once per kind of call and shared, and histogram values wait for collection
+    # holding them: a later failure of the same kind must not relabel an earlier one.
+    for error in (ValueError("bad"), KeyError("missing")):
+        with pytest.raises(type(error)):
+            _Failing(error)("hello")
+    points = tel.metrics()[sc.M_GENAI_OPERATION_DURATION[0]]
+    assert sorted((p.attributes.get(sc.ERROR_TYPE), p.count) for p in points) == [("KeyError", 1), ("ValueError", 1)]
+    assert tel.metric_sum(sc.M_LM_CALLS[0]) == 2
 
 
 def test_async_lm_call_is_a_child_of_its_module(tel) -> None:

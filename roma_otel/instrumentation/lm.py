@@ -92,6 +92,45 @@ def _enter(tel: Telemetry, lm: Any, kwargs: dict[str, Any]) -> tuple[Any, ...]:
     return call_token, call, span, otel_token, model, provider, request_model, op, time.perf_counter()
 
 
+class _Labels:
+    """Every label set one kind of LM call records under, built once per (module, model, …) combination:
+    an LM call then records its six metrics without building a dict or a frozenset."""
+
+    __slots__ = ("calls", "genai", "genai_in", "genai_out", "labels", "labels_key", "tokens_in", "tokens_out")
+
+    def __init__(
+        self, module: str, model: str, op: str, provider: str, request_model: str, response_model: Any, cache_hit: bool
+    ) -> None:
+        self.labels = {sc.L_MODULE: module, sc.L_MODEL: model}
+        self.labels_key = frozenset(self.labels.items())
+        self.calls = frozenset({**self.labels, sc.L_CACHE_HIT: str(cache_hit).lower()}.items())
+        self.tokens_in = frozenset({**self.labels, sc.L_TOKEN_TYPE: sc.TOKEN_TYPE_INPUT}.items())
+        self.tokens_out = frozenset({**self.labels, sc.L_TOKEN_TYPE: sc.TOKEN_TYPE_OUTPUT}.items())
+        genai: dict[str, Any] = {
+            sc.GEN_AI_OPERATION_NAME: op,
+            sc.GEN_AI_PROVIDER_NAME: provider,
+            sc.GEN_AI_REQUEST_MODEL: request_model,
+        }
+        if response_model:
+            genai[sc.GEN_AI_RESPONSE_MODEL] = str(response_model)
+        # Shared by every call of this kind: never mutated (the error variant is a copy).
+        self.genai = genai
+        self.genai_in = {**genai, sc.GEN_AI_TOKEN_TYPE: sc.TOKEN_TYPE_INPUT}
+        self.genai_out = {**genai, sc.GEN_AI_TOKEN_TYPE: sc.TOKEN_TYPE_OUTPUT}
+
+
+_LABELS: dict[tuple[Any, ...], _Labels] = {}
+
+
+def _labels(*key: Any) -> _Labels:
+    found = _LABELS.get(key)
+    if found is None:
+        found = _Labels(*key)
+        if len(_LABELS) < 4096:  # bounded like the label values themselves; past it, built per call
+            _LABELS[key] = found
+    return found
+
+
 def _tokens(usage: dict[str, Any], key: str) -> int | None:
     value = usage.get(key)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
@@ -150,31 +189,23 @@ def _exit(
                     attrs[sc.GEN_AI_OUTPUT_MESSAGES] = tel.redactor.render(outputs)
             span.set_attributes(attrs)
 
-        labels = {sc.L_MODULE: module, sc.L_MODEL: model}
-        tel.lm_calls.add(1, {sc.L_MODULE: module, sc.L_MODEL: model, sc.L_CACHE_HIT: str(cache_hit).lower()})
-        tel.lm_latency.record(latency_ms, labels, span)
-        genai = {
-            sc.GEN_AI_OPERATION_NAME: op,
-            sc.GEN_AI_PROVIDER_NAME: provider,
-            sc.GEN_AI_REQUEST_MODEL: request_model,
-        }
-        if response_model:
-            genai[sc.GEN_AI_RESPONSE_MODEL] = str(response_model)
+        ls = _labels(module, model, op, provider, request_model, response_model, cache_hit)
+        tel.lm_calls.add_key(1, ls.calls)
+        tel.lm_latency.record(latency_ms, ls.labels, span)
         if result is not None and not cache_hit:
             # A cache hit spent no tokens: it must not show up as usage.
             if input_tokens is not None:
-                tel.lm_tokens.add(input_tokens, {**labels, sc.L_TOKEN_TYPE: sc.TOKEN_TYPE_INPUT})
-                tel.genai_tokens.record(input_tokens, {**genai, sc.GEN_AI_TOKEN_TYPE: sc.TOKEN_TYPE_INPUT}, span)
+                tel.lm_tokens.add_key(input_tokens, ls.tokens_in)
+                tel.genai_tokens.record(input_tokens, ls.genai_in, span)
             if output_tokens is not None:
-                tel.lm_tokens.add(output_tokens, {**labels, sc.L_TOKEN_TYPE: sc.TOKEN_TYPE_OUTPUT})
-                tel.genai_tokens.record(output_tokens, {**genai, sc.GEN_AI_TOKEN_TYPE: sc.TOKEN_TYPE_OUTPUT}, span)
+                tel.lm_tokens.add_key(output_tokens, ls.tokens_out)
+                tel.genai_tokens.record(output_tokens, ls.genai_out, span)
         if cost is not None:
             if cost.usd is None:
-                tel.lm_cost_unknown.add(1, labels)
+                tel.lm_cost_unknown.add_key(1, ls.labels_key)
             elif cost.usd:
-                tel.lm_cost.add(cost.usd, labels)
-        if error_type is not None:
-            genai[sc.ERROR_TYPE] = error_type
+                tel.lm_cost.add_key(cost.usd, ls.labels_key)
+        genai = ls.genai if error_type is None else {**ls.genai, sc.ERROR_TYPE: error_type}
         tel.genai_duration.record(latency_s, genai, span)
 
         ctx = _EXECUTION.get()
