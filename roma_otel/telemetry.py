@@ -49,6 +49,20 @@ class _MeterState:
         self.counters: dict[str, FastCounter] = {}
         self.histograms: dict[str, DeferredHistogram] = {}
 
+    def counter(self, spec: tuple[str, str, str]) -> FastCounter:
+        with _STATES_LOCK:
+            found = self.counters.get(spec[0])
+            if found is None:
+                found = self.counters[spec[0]] = FastCounter(self, spec)
+            return found
+
+    def histogram(self, spec: tuple[str, str, str], buckets: tuple[float, ...]) -> DeferredHistogram:
+        with _STATES_LOCK:
+            found = self.histograms.get(spec[0])
+            if found is None:
+                found = self.histograms[spec[0]] = DeferredHistogram(self, spec, buckets)
+            return found
+
     def drain(self) -> None:
         for histogram in list(self.histograms.values()):
             histogram.drain()
@@ -168,24 +182,6 @@ def _meter_state(meter: Any) -> _MeterState:
         return state
 
 
-def _fast_counter(state: _MeterState, spec: tuple[str, str, str]) -> FastCounter:
-    with _STATES_LOCK:
-        counter = state.counters.get(spec[0])
-        if counter is None:
-            counter = state.counters[spec[0]] = FastCounter(state, spec)
-        return counter
-
-
-def _deferred_histogram(
-    state: _MeterState, spec: tuple[str, str, str], buckets: tuple[float, ...]
-) -> DeferredHistogram:
-    with _STATES_LOCK:
-        histogram = state.histograms.get(spec[0])
-        if histogram is None:
-            histogram = state.histograms[spec[0]] = DeferredHistogram(state, spec, buckets)
-        return histogram
-
-
 def _parent_based(tracer_provider: Any) -> bool:
     """True when children of a sampled-out span are sampled out too, so we may skip making them."""
     sampler = getattr(tracer_provider, "sampler", None)
@@ -220,13 +216,7 @@ class Telemetry:
         self.redactor = Redactor(cc.max_length) if cc.enabled else None
 
         state = _meter_state(meter)
-        self._meter_state = state
-
-        def counter(spec: tuple[str, str, str]) -> FastCounter:
-            return _fast_counter(state, spec)
-
-        def histogram(spec: tuple[str, str, str], buckets: tuple[float, ...]) -> DeferredHistogram:
-            return _deferred_histogram(state, spec, buckets)
+        counter, histogram = state.counter, state.histogram
 
         self.tool_invocations = counter(sc.M_TOOL_INVOCATIONS)
         self.tool_success = counter(sc.M_TOOL_INVOCATIONS_SUCCESS)

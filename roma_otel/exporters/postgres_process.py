@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -107,17 +108,6 @@ def _write_frame(stream: IO[bytes], message: Any) -> None:
     stream.flush()
 
 
-def _read_frame(stream: IO[bytes]) -> Any:
-    header = stream.read(_HEADER.size)
-    if len(header) < _HEADER.size:
-        return None
-    (size,) = _HEADER.unpack(header)
-    data = stream.read(size)
-    if len(data) < size:
-        return None
-    return pickle.loads(data)
-
-
 def _child_environment() -> dict[str, str]:
     """The parent's environment, minus what would make the child instrument itself."""
     env = dict(os.environ)
@@ -144,7 +134,6 @@ class PostgresProcessSpanProcessor(QueueingSpanProcessor):
         # Batches sent and not yet reported disposed of by the child: (cumulative count at the end, tuples).
         self._unacked: collections.deque[tuple[int, list[tuple[Any, ...]]]] = collections.deque()
         self._sent = 0
-        self._disposed = 0
         self._send_lock = threading.Lock()  # one writer on the pipe at a time
         self._state = threading.Condition(threading.Lock())  # progress and flush replies
         self._flushed: dict[int, bool] = {}
@@ -175,7 +164,7 @@ class PostgresProcessSpanProcessor(QueueingSpanProcessor):
             close_fds=True,
         )
         assert proc.stdin is not None and proc.stdout is not None
-        _write_frame(proc.stdin, {"dsn": self.dsn, **self._fallback_settings()})
+        _write_frame(proc.stdin, {"dsn": self.dsn, **self._engine_settings()})
         self._proc = proc
         self._reader = threading.Thread(target=self._read, args=(proc,), name="roma-otel-postgres-replies", daemon=True)
         self._reader.start()
@@ -190,12 +179,22 @@ class PostgresProcessSpanProcessor(QueueingSpanProcessor):
         self._state = threading.Condition(threading.Lock())
         self._wake = threading.Event()
         self._proc = None
-        self._fallback = PostgresSpanProcessor(self.dsn, on_drop=self._on_drop, **self._fallback_settings())
+        self._fallback = self._new_fallback()
         self._feeder = threading.Thread(target=self._feed, name="roma-otel-postgres-feeder", daemon=True)
         self._feeder.start()
 
-    def _fallback_settings(self) -> dict[str, Any]:
+    def _engine_settings(self) -> dict[str, Any]:
+        """Settings for the engine doing the writing (the child's or the fallback)."""
         return {**self.settings(), "async_persist": True}  # synchronous flushes are driven from here
+
+    def _new_fallback(self) -> PostgresSpanProcessor:
+        return PostgresSpanProcessor(self.dsn, on_drop=self._on_drop, **self._engine_settings())
+
+    def _take_unacked(self) -> list[SpanRecord]:
+        """Everything sent that the child has not reported done, as records (call with ``_lock`` held)."""
+        records = [SpanRecord(*t) for _, batch in self._unacked for t in batch]
+        self._unacked.clear()
+        return records
 
     # --- SpanProcessor --------------------------------------------------------------------------------
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
@@ -244,13 +243,12 @@ class PostgresProcessSpanProcessor(QueueingSpanProcessor):
         # Whatever the child did not report done (it died, or ran out of time) and whatever is still
         # queued here goes through an in-process writer, whose shutdown spools what it cannot write.
         with self._lock:
-            leftover = [SpanRecord(*t) for _, batch in self._unacked for t in batch]
-            self._unacked.clear()
+            leftover = self._take_unacked()
             queued = list(self._queue)
             self._queue.clear()
         if leftover or queued:
             if self._fallback is None:
-                self._fallback = PostgresSpanProcessor(self.dsn, on_drop=self._on_drop, **self._fallback_settings())
+                self._fallback = self._new_fallback()
             self._fallback.enqueue(leftover + [SpanRecord(*snapshot(s)) for s in queued])
         if self._fallback is not None:
             self._fallback.shutdown()
@@ -319,18 +317,11 @@ class PostgresProcessSpanProcessor(QueueingSpanProcessor):
     # --- the child's replies --------------------------------------------------------------------------
     def _read(self, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stdout is not None
-        while True:
-            try:
-                message = _read_frame(proc.stdout)
-            except Exception:
-                message = None
-            if message is None:
-                break
+        for message in _FrameReader(proc.stdout.fileno()).messages():
             kind = message[0]
             if kind == "progress":
                 _, disposed, written = message
                 with self._lock:
-                    self._disposed = disposed
                     self.written_rows = written
                     while self._unacked and self._unacked[0][0] <= disposed:
                         self._unacked.popleft()
@@ -352,11 +343,10 @@ class PostgresProcessSpanProcessor(QueueingSpanProcessor):
             if self._fallback is not None:
                 return
             logger.warning("roma-otel: %s; writing rows from this process instead", why)
-            self._fallback = PostgresSpanProcessor(self.dsn, on_drop=self._on_drop, **self._fallback_settings())
+            self._fallback = self._new_fallback()
             # Everything the child had not reported done goes again; the unique span index refuses
             # whatever it did write before dying.
-            records = [SpanRecord(*t) for _, batch in self._unacked for t in batch]
-            self._unacked.clear()
+            records = self._take_unacked()
         if records:
             self._fallback.enqueue(records)
         with self._state:
@@ -372,8 +362,17 @@ class _FrameReader:
         self.buffer = bytearray()
         self.closed = False
 
-    def poll(self, timeout: float) -> list[Any]:
-        """Messages that arrived, waiting up to ``timeout`` seconds for the first bytes."""
+    def messages(self) -> Iterator[Any]:
+        """Every message until the pipe closes (or carries something unreadable), blocking for each."""
+        while not self.closed:
+            try:
+                batch = self.poll(None)
+            except Exception:
+                return
+            yield from batch
+
+    def poll(self, timeout: float | None) -> list[Any]:
+        """Messages that arrived, waiting up to ``timeout`` seconds (None: for ever) for the first bytes."""
         ready, _, _ = select.select([self.fd], [], [], timeout)
         while ready and not self.closed:
             data = os.read(self.fd, 1 << 20)
@@ -446,9 +445,9 @@ def _child_main() -> int:
     writer.after_transaction = report
     last_write = time.monotonic()
     while True:
-        if not pending:
-            waited = max(0.0, writer.flush_interval - (time.monotonic() - last_write)) if writer._queue else None
-            pending.extend(reader.poll(waited if waited is not None else 1.0))
+        if not pending:  # wait for more, but no longer than the queued spans may wait to be written
+            due = writer.flush_interval - (time.monotonic() - last_write)
+            pending.extend(reader.poll(max(0.0, due) if writer._queue else 1.0))
         take_arrived()
         if pending:  # a control message, in order after the spans before it
             message = pending.popleft()
