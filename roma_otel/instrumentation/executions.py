@@ -35,8 +35,16 @@ def new_id() -> str:
     return f"{random.getrandbits(128):032x}"
 
 
+def root_attributes(ctx: ExecutionContext) -> dict[str, Any]:
+    """What marks a span as an execution's root to a span processor's ``on_start`` (the MLflow bridge's)."""
+    if ctx.implicit:
+        return {sc.EXECUTION_ID: ctx.execution_id, sc.EXECUTION_IMPLICIT: True}
+    return {sc.EXECUTION_ID: ctx.execution_id}
+
+
 def execution_attributes(ctx: ExecutionContext) -> dict[str, Any]:
-    attrs: dict[str, Any] = {sc.EXECUTION_ID: ctx.execution_id, sc.TASK_DEPTH: 0}
+    """The execution's details, besides ``root_attributes``."""
+    attrs: dict[str, Any] = {sc.TASK_DEPTH: 0}
     if ctx.task is not None:
         attrs[sc.EXECUTION_TASK] = ctx.task[:_MAX_TASK_TEXT]
     if ctx.max_depth is not None:
@@ -45,8 +53,6 @@ def execution_attributes(ctx: ExecutionContext) -> dict[str, Any]:
         attrs[sc.EXECUTION_SOLVER_TYPE] = ctx.solver_type
     if ctx.config_version is not None:
         attrs[sc.EXECUTION_CONFIG_VERSION] = ctx.config_version
-    if ctx.implicit:
-        attrs[sc.EXECUTION_IMPLICIT] = True
     return attrs
 
 
@@ -60,9 +66,11 @@ def finish_execution(tel: Telemetry | None, ctx: ExecutionContext, span: Span | 
         summary = ctx.summary()
         if span is not None and span.is_recording():
             attrs = execution_attributes(ctx) if ctx.enriched else {}
-            span.set_attributes(
+            tel.set_attributes(
+                span,
                 attrs
                 | {
+                    sc.EXECUTION_ID: ctx.execution_id,  # a solver inside may have adopted ROMA's own id
                     sc.EXECUTION_STATUS: ctx.status,
                     sc.EXECUTION_TOTAL_TASKS: summary["total_tasks"],
                     sc.EXECUTION_COMPLETED_TASKS: summary["completed_tasks"],
@@ -201,9 +209,7 @@ def _begin(
     otel_token: object = None
     if tel is not None:
         try:
-            span = tel.tracer.start_span(
-                sc.SPAN_EXECUTION, kind=SpanKind.INTERNAL, attributes=execution_attributes(ctx)
-            )
+            span = tel.start_span(sc.SPAN_EXECUTION, SpanKind.INTERNAL, execution_attributes(ctx), root_attributes(ctx))
             otel_token = otel_context.attach(trace.set_span_in_context(span))
         except Exception as exc:
             tel.internal_error("execution.start", exc)
@@ -273,7 +279,7 @@ class task:
                     attrs[sc.TASK_GOAL] = self.goal[:_MAX_TASK_TEXT]
                 if self.agent_type is not None:
                     attrs[sc.TASK_AGENT_TYPE] = self.agent_type
-                span = tel.tracer.start_span(sc.SPAN_TASK, kind=SpanKind.INTERNAL, attributes=attrs)
+                span = tel.start_span(sc.SPAN_TASK, SpanKind.INTERNAL, attrs)
                 otel_token = otel_context.attach(trace.set_span_in_context(span))
             except Exception as exc:
                 tel.internal_error("task.start", exc)

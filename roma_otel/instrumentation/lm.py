@@ -87,7 +87,7 @@ def _enter(tel: Telemetry, lm: Any, kwargs: dict[str, Any]) -> tuple[Any, ...]:
         max_tokens = kwargs.get("max_tokens", lm_kwargs.get("max_tokens"))
         if isinstance(max_tokens, int):
             attrs[sc.GEN_AI_REQUEST_MAX_TOKENS] = max_tokens
-        span = tel.tracer.start_span(f"{op} {request_model}", kind=SpanKind.CLIENT, attributes=attrs)
+        span = tel.start_span(f"{op} {request_model}", SpanKind.CLIENT, attrs)
         otel_token = otel_context.attach(trace.set_span_in_context(span))
     return call_token, call, span, otel_token, model, provider, request_model, op, time.perf_counter()
 
@@ -187,7 +187,7 @@ def _exit(
                 attrs[sc.GEN_AI_INPUT_MESSAGES] = tel.redactor.render(messages)
                 if exc is None:
                     attrs[sc.GEN_AI_OUTPUT_MESSAGES] = tel.redactor.render(outputs)
-            span.set_attributes(attrs)
+            tel.set_attributes(span, attrs)
 
         ls = _labels(module, model, op, provider, request_model, response_model, cache_hit)
         tel.lm_calls.add_key(1, ls.calls)

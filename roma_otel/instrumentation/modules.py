@@ -20,7 +20,7 @@ from opentelemetry.trace import SpanKind
 from roma_otel import semconv as sc
 from roma_otel import telemetry
 from roma_otel.context import _EXECUTION, _TASK, ExecutionContext
-from roma_otel.instrumentation.executions import execution_attributes, finish_execution, new_id
+from roma_otel.instrumentation.executions import execution_attributes, finish_execution, new_id, root_attributes
 from roma_otel.instrumentation.patching import Patcher, all_subclasses, install_subclass_hook
 from roma_otel.telemetry import Telemetry, mark_error
 
@@ -95,9 +95,11 @@ def _enter(tel: Telemetry, instance: Any, parent: ModuleFrame | None) -> tuple[A
         }
         if task is not None and task.task_id is not None:
             attrs[sc.TASK_ID] = task.task_id
+        at_start = None
         if exec_token is not None:
             attrs.update(execution_attributes(ctx))
-        span = tel.tracer.start_span(type(instance).__name__, kind=SpanKind.INTERNAL, attributes=attrs)
+            at_start = root_attributes(ctx)
+        span = tel.start_span(type(instance).__name__, SpanKind.INTERNAL, attrs, at_start)
         otel_token = otel_context.attach(trace.set_span_in_context(span))
     return module_token, exec_token, ctx, span, otel_token
 

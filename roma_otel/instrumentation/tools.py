@@ -93,7 +93,7 @@ def _enter(
             attrs[sc.EXECUTION_ID] = ctx.execution_id
         if task is not None and task.task_id is not None:
             attrs[sc.TASK_ID] = task.task_id
-        span = tel.tracer.start_span(f"{sc.SPAN_TOOL_PREFIX} {tool_name}", kind=SpanKind.INTERNAL, attributes=attrs)
+        span = tel.start_span(f"{sc.SPAN_TOOL_PREFIX} {tool_name}", SpanKind.INTERNAL, attrs)
         otel_token = otel_context.attach(trace.set_span_in_context(span))
     input_size = payload_size(_input_payload(args, kwargs)) if sampled else 0
     if sampled and span is not None and tel.redactor is not None and span.is_recording():
@@ -120,7 +120,8 @@ def _exit(tel: Telemetry, state: tuple[Any, ...], exc: BaseException | None, res
         if sampled:
             output_size = payload_size(result) if exc is None else 0
             if span is not None and span.is_recording():
-                span.set_attributes(
+                tel.set_attributes(
+                    span,
                     {
                         sc.TOOL_INPUT_SIZE: input_size,
                         sc.TOOL_OUTPUT_SIZE: output_size,
