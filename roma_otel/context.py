@@ -106,7 +106,6 @@ class ExecutionContext:
         "module_stats",
         "prompt_tokens",
         "solver_type",
-        "start_perf",
         "start_time",
         "status",
         "task",
@@ -135,7 +134,6 @@ class ExecutionContext:
         self.enriched = False  # details added after the span started (a solver inside a module call)
         self.metadata = metadata if metadata is not None else {}
         self.start_time = time.time()
-        self.start_perf = time.perf_counter()
         self.end_time: float | None = None
         self.status = "running"
         self._lock = threading.Lock()
@@ -206,8 +204,11 @@ class ExecutionContext:
 
     def task_counts(self) -> tuple[int, int, int]:
         """(total, completed, failed); an execution with no task scopes counts as one task."""
-        with self._lock:
-            statuses = list(self._tasks.values())
+        if not self._tasks:  # the common case of a run without task scopes: no lock, no copy
+            statuses: list[str] = []
+        else:
+            with self._lock:
+                statuses = list(self._tasks.values())
         if not statuses:
             if self.status == "running":
                 return 1, 0, 0

@@ -56,41 +56,51 @@ def execution_attributes(ctx: ExecutionContext) -> dict[str, Any]:
     return attrs
 
 
+# status -> (its label set, the same frozen for FastCounter.add_key): built once, not per execution
+_STATUS_LABELS = {
+    status: ({sc.L_STATUS: status}, frozenset({(sc.L_STATUS, status)})) for status in ("completed", "failed")
+}
+
+
 def finish_execution(tel: Telemetry | None, ctx: ExecutionContext, span: Span | None, failed: bool) -> None:
-    """Close the books on an execution: span attributes, metrics, listeners. Never raises."""
-    ctx.end_time = time.time()
-    ctx.status = "failed" if failed else "completed"
+    """Close the books on an execution: span attributes, metrics, listeners. Never raises.
+
+    The figures are ``ctx.summary()``'s, computed here without building that dict: an outermost module
+    call is an execution too, so this runs once per top-level call.
+    """
+    end = ctx.end_time = time.time()
+    status = ctx.status = "failed" if failed else "completed"
     if tel is None:
         return
     try:
-        summary = ctx.summary()
+        total_tasks, completed_tasks, failed_tasks = ctx.task_counts()
+        duration = end - ctx.start_time
+        cost = round(ctx.total_cost, 10)
         if span is not None and span.is_recording():
-            attrs = execution_attributes(ctx) if ctx.enriched else {}
-            tel.set_attributes(
-                span,
-                attrs
-                | {
-                    sc.EXECUTION_ID: ctx.execution_id,  # a solver inside may have adopted ROMA's own id
-                    sc.EXECUTION_STATUS: ctx.status,
-                    sc.EXECUTION_TOTAL_TASKS: summary["total_tasks"],
-                    sc.EXECUTION_COMPLETED_TASKS: summary["completed_tasks"],
-                    sc.EXECUTION_FAILED_TASKS: summary["failed_tasks"],
-                    sc.EXECUTION_TOTAL_COST: summary["total_cost"],
-                    sc.EXECUTION_TOTAL_TOKENS: summary["total_tokens"],
-                    sc.EXECUTION_DURATION: summary["execution_duration"],
-                    sc.EXECUTION_MAX_DEPTH_REACHED: summary["max_depth_reached"],
-                }
-            )
-        status = {sc.L_STATUS: ctx.status}
-        tel.executions.add(1, status)
-        tel.execution_duration.record(summary["execution_duration"], status, span)
-        tel.execution_cost.record(summary["total_cost"], status, span)
+            attrs = {
+                sc.EXECUTION_ID: ctx.execution_id,  # a solver inside may have adopted ROMA's own id
+                sc.EXECUTION_STATUS: status,
+                sc.EXECUTION_TOTAL_TASKS: total_tasks,
+                sc.EXECUTION_COMPLETED_TASKS: completed_tasks,
+                sc.EXECUTION_FAILED_TASKS: failed_tasks,
+                sc.EXECUTION_TOTAL_COST: cost,
+                sc.EXECUTION_TOTAL_TOKENS: ctx.prompt_tokens + ctx.completion_tokens,
+                sc.EXECUTION_DURATION: duration,
+                sc.EXECUTION_MAX_DEPTH_REACHED: ctx.max_depth_reached,
+            }
+            if ctx.enriched:
+                attrs.update(execution_attributes(ctx))
+            tel.set_attributes(span, attrs)
+        labels, key = _STATUS_LABELS[status]
+        tel.executions.add_key(1, key)
+        tel.execution_duration.record(duration, labels, span)
+        tel.execution_cost.record(cost, labels, span)
         # tasks_total counts task-tree nodes; a run with no task scopes has none to count.
         if ctx.has_tasks:
-            if summary["completed_tasks"]:
-                tel.tasks.add(summary["completed_tasks"], {sc.L_STATUS: "completed"})
-            if summary["failed_tasks"]:
-                tel.tasks.add(summary["failed_tasks"], {sc.L_STATUS: "failed"})
+            if completed_tasks:
+                tel.tasks.add(completed_tasks, {sc.L_STATUS: "completed"})
+            if failed_tasks:
+                tel.tasks.add(failed_tasks, {sc.L_STATUS: "failed"})
         for listener in tel.execution_listeners:
             try:
                 listener(ctx)
