@@ -290,14 +290,9 @@ def test_copy_fast_path_and_on_conflict_path_write_identical_rows(tel, migrated:
     assert execution_id in {r[0] for r in by_copy["lm_traces"]}
 
 
-def test_transactions_under_a_backlog_write_every_row_once(
-    tel, migrated: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A backlog goes out in several transactions of batch_size, each translated while Postgres finishes
-    the one before (see ``_drain``): every row must arrive, and none twice."""
-    import roma_otel.exporters.postgres as writer_module
-
-    monkeypatch.setattr(writer_module, "_COPY_CHUNK", 3)
+def test_transactions_under_a_backlog_write_every_row_once(tel, migrated: str, tmp_path: Path) -> None:
+    """A backlog goes out in several transactions of batch_size, each translated and formatted while
+    Postgres finishes the one before (see ``_drain``): every row must arrive, and none twice."""
     ids = [run_execution(f"backlog {i}") for i in range(6)]
     spans = [s for s in tel.spans() if classify(s)]
     writer = PostgresSpanProcessor(migrated, spool_dir=tmp_path, batch_size=5, flush_interval=3600)

@@ -172,7 +172,17 @@ _COPIES = (
 )
 
 
-_COPY_CHUNK = 50  # rows per COPY write: small, so Postgres starts early and finishes soon after the last
+# One transaction's COPY data: (table, column list, the rows as COPY text), for each table it has rows for.
+CopyPayload = list[tuple[str, str, bytes]]
+
+
+def copy_payload(batch: Batch) -> CopyPayload:
+    """Format a batch's child rows as COPY text, table by table (executions rows go by statement)."""
+    payload = []
+    for attr, table, columns, line in _COPIES:
+        if batch.has_rows(attr):
+            payload.append((table, columns, ("\n".join(batch.format_rows(attr, line)) + "\n").encode()))
+    return payload
 
 
 def _json_default(value: Any) -> Any:
@@ -406,14 +416,14 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
             return
         current = self._take_translated()
         while current is not None:
-            items, batch = current
-            # Translate the next transaction while Postgres still indexes this one's last rows (called
-            # after the last COPY write, before the wait for the end of COPY and the commit), so Postgres
-            # is never left waiting for Python between transactions.
-            upcoming: list[tuple[list[ReadableSpan], Batch] | None] = []
+            items, batch, payload = current
+            # Translate the next transaction while Postgres still indexes this one's rows (called after
+            # the last COPY write, before the wait for the end of COPY and the commit), so Postgres is
+            # never left waiting for Python between transactions.
+            upcoming: list[tuple[list[ReadableSpan], Batch, CopyPayload] | None] = []
             prefetch = functools.partial(self._prefetch, upcoming)
             try:
-                ok = not (batch.executions or len(batch)) or self._write_or_spool(batch, prefetch)
+                ok = not (batch.executions or len(batch)) or self._write_or_spool(batch, prefetch, payload)
                 prefetch()
             finally:
                 self._done(len(items))
@@ -429,18 +439,21 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
                 self._spool_queue()
                 return
 
-    def _prefetch(self, into: list[tuple[list[ReadableSpan], Batch] | None]) -> None:
+    def _prefetch(self, into: list[tuple[list[ReadableSpan], Batch, CopyPayload] | None]) -> None:
         if not into:  # once per transaction, also when a duplicate makes the batch go again
             if self.before_prefetch is not None:
                 self.before_prefetch()
             into.append(self._take_translated())
 
-    def _take_translated(self) -> tuple[list[ReadableSpan], Batch] | None:
+    def _take_translated(self) -> tuple[list[ReadableSpan], Batch, CopyPayload] | None:
+        """The next batch, translated and formatted for COPY: done while Postgres still works on the
+        previous one, so each transaction sends all its rows at once and Postgres never waits for Python."""
         if not self._queue or self._shutdown:
             return None
         items = self._take(self.batch_size)  # one transaction per batch of batch_size
         try:
-            return items, self._translate(items)
+            batch = self._translate(items)
+            return items, batch, copy_payload(batch)
         except Exception as exc:  # a bug in translation: count the spans, never break the write in progress
             logger.warning("roma-otel: cannot translate %d spans into rows: %r", len(items), exc, exc_info=exc)
             self._count_drop(len(items), "translation error")
@@ -462,9 +475,11 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
             finally:
                 self._done(len(items))
 
-    def _write_or_spool(self, batch: Batch, before_end: Callable[[], None] | None = None) -> bool:
+    def _write_or_spool(
+        self, batch: Batch, before_end: Callable[[], None] | None = None, payload: CopyPayload | None = None
+    ) -> bool:
         try:
-            self._write(batch, before_end)
+            self._write(batch, before_end, payload)
         except Exception as exc:
             self._failed(exc)
             self._spool(batch)
@@ -493,32 +508,40 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
             self._conn = psycopg.connect(self.dsn, connect_timeout=5, autocommit=False)
         return self._conn
 
-    def _write(self, batch: Batch, before_end: Callable[[], None] | None = None) -> None:
+    def _write(
+        self, batch: Batch, before_end: Callable[[], None] | None = None, payload: CopyPayload | None = None
+    ) -> None:
         """Write one batch in one transaction: COPY straight into the tables when none of its rows is
         there yet (the normal case), else, after the unique index refuses a duplicate (a retried or
         replayed batch), the same rows through INSERT ... ON CONFLICT DO NOTHING."""
         from psycopg import errors
 
         try:
-            self._write_once(batch, fast=True, before_end=before_end)
+            self._write_once(batch, fast=True, before_end=before_end, payload=payload)
         except errors.UniqueViolation:
             self._write_once(batch, fast=False)
         self.written_rows += len(batch)
 
-    def _write_once(self, batch: Batch, *, fast: bool, before_end: Callable[[], None] | None = None) -> None:
-        """``before_end`` runs once the last COPY data is sent, while Postgres is still working on it."""
+    def _write_once(
+        self,
+        batch: Batch,
+        *,
+        fast: bool,
+        before_end: Callable[[], None] | None = None,
+        payload: CopyPayload | None = None,
+    ) -> None:
+        """``before_end`` runs once the last COPY data is sent, while Postgres is still working on it.
+        ``payload``: the batch's ``copy_payload``, when it was formatted ahead."""
         conn = self._connection()
         with conn.transaction(), conn.cursor() as cur:
             # Parents first: every row's execution exists before its children arrive (they end first).
             if batch.executions:
                 cur.execute(_EXECUTIONS_FIRST_SEEN, (json.dumps(list(batch.executions.values())),))
             if fast:
-                copies = [c for c in _COPIES if batch.has_rows(c[0])]
-                for i, (attr, table, columns, line) in enumerate(copies):
+                copies = payload if payload is not None else copy_payload(batch)
+                for i, (table, columns, data) in enumerate(copies):
                     with cur.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
-                        # Translating and formatting chunk k+1 overlaps Postgres indexing chunk k.
-                        for rows in batch.iter_rows(attr, _COPY_CHUNK, keep=False):
-                            copy.write(("\n".join(map(line, rows)) + "\n").encode())
+                        copy.write(data)
                         if before_end is not None and i == len(copies) - 1:
                             before_end()
             else:

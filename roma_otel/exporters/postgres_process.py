@@ -102,10 +102,33 @@ def snapshot(span: Any) -> tuple[Any, ...]:
     )  # fmt: skip
 
 
+def _pickle(message: Any) -> bytes:
+    return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+
+
 def _write_frame(stream: IO[bytes], message: Any) -> None:
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    _write_pickled(stream, _pickle(message))
+
+
+def _write_pickled(stream: IO[bytes], data: bytes) -> None:
     stream.write(_HEADER.pack(len(data)) + data)
     stream.flush()
+
+
+def _widen_pipe(fd: int) -> None:
+    """Let the pipe hold many batches (Linux: up to pipe-max-size, 1 MiB by default; else as it is).
+
+    With the default 64 KiB, less than one 500-span batch, the feeder blocks until the child reads, and
+    the child never finds the next batch complete while Postgres finishes the current one; it then
+    translates each batch while Postgres waits, instead of ahead.
+    """
+    try:
+        import fcntl
+
+        limit = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, min(limit, 4 << 20))
+    except (ImportError, AttributeError, OSError, ValueError):
+        pass
 
 
 def _child_environment() -> dict[str, str]:
@@ -131,8 +154,9 @@ class PostgresProcessSpanProcessor(QueueingSpanProcessor):
 
     def __init__(self, dsn: str, **settings: Any) -> None:
         super().__init__(dsn, **settings)
-        # Batches sent and not yet reported disposed of by the child: (cumulative count at the end, tuples).
-        self._unacked: collections.deque[tuple[int, list[tuple[Any, ...]]]] = collections.deque()
+        # Batches sent and not yet reported disposed of by the child: (cumulative count at the end, the
+        # pickled frame). Kept as bytes, which the garbage collector does not track.
+        self._unacked: collections.deque[tuple[int, bytes]] = collections.deque()
         self._sent = 0
         self._send_lock = threading.Lock()  # one writer on the pipe at a time
         self._state = threading.Condition(threading.Lock())  # progress and flush replies
@@ -164,6 +188,7 @@ class PostgresProcessSpanProcessor(QueueingSpanProcessor):
             close_fds=True,
         )
         assert proc.stdin is not None and proc.stdout is not None
+        _widen_pipe(proc.stdin.fileno())
         _write_frame(proc.stdin, {"dsn": self.dsn, **self._engine_settings()})
         self._proc = proc
         self._reader = threading.Thread(target=self._read, args=(proc,), name="roma-otel-postgres-replies", daemon=True)
@@ -192,7 +217,7 @@ class PostgresProcessSpanProcessor(QueueingSpanProcessor):
 
     def _take_unacked(self) -> list[SpanRecord]:
         """Everything sent that the child has not reported done, as records (call with ``_lock`` held)."""
-        records = [SpanRecord(*t) for _, batch in self._unacked for t in batch]
+        records = [SpanRecord(*t) for _, frame in self._unacked for t in pickle.loads(frame)[1]]
         self._unacked.clear()
         return records
 
@@ -281,17 +306,17 @@ class PostgresProcessSpanProcessor(QueueingSpanProcessor):
                 spans = [self._queue.popleft() for _ in range(n)]
                 self._sending += n
             try:
-                batch = [snapshot(s) for s in spans] if self._fallback is None else None
+                frame = _pickle(("spans", [snapshot(s) for s in spans])) if self._fallback is None else None
                 with self._lock:
                     fallback = self._fallback
-                    if fallback is None and batch is not None:
-                        self._sent += len(batch)
-                        self._unacked.append((self._sent, batch))
+                    if fallback is None and frame is not None:
+                        self._sent += n
+                        self._unacked.append((self._sent, frame))
                 if fallback is not None:
                     fallback.enqueue(spans)
                     continue
                 # On a broken pipe, _use_fallback hands this batch to the in-process writer with the others.
-                self._send(("spans", batch))
+                self._send_pickled(frame)  # type: ignore[arg-type]
             finally:
                 with self._state:
                     self._sending -= n
@@ -302,13 +327,16 @@ class PostgresProcessSpanProcessor(QueueingSpanProcessor):
         return self._wait_until_idle(self._state, lambda: self._sending > 0, deadline)
 
     def _send(self, message: Any) -> bool:
+        return self._send_pickled(_pickle(message))
+
+    def _send_pickled(self, data: bytes) -> bool:
         proc = self._proc
         if proc is None or proc.stdin is None:
             self._use_fallback("no writer process")
             return False
         try:
             with self._send_lock:
-                _write_frame(proc.stdin, message)
+                _write_pickled(proc.stdin, data)
             return True
         except (OSError, ValueError) as exc:  # broken pipe: the child is gone
             self._use_fallback(f"the writer process went away ({exc!r})")

@@ -8,7 +8,7 @@ table and batch, and the spool stores as is. Rows carry the span's trace and spa
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -239,8 +239,8 @@ _CHILD_TABLES = ("lm", "tools", "toolkit")
 class Batch:
     """Rows of one write, in the order they must be written (parents before children, then finals).
 
-    Child rows (LM calls, tool invocations, lifecycle events) are translated on demand: the writer
-    streams them into COPY chunk by chunk, so Postgres indexes one chunk while the next is translated.
+    Child rows (LM calls, tool invocations, lifecycle events) are translated on demand: straight into
+    COPY text for the writer's fast path (``format_rows``), into dicts for everything else (``rows``).
     """
 
     executions: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> first-seen row
@@ -255,31 +255,22 @@ class Batch:
         return bool(self._rows[table] or self._spans[table])
 
     def rows(self, table: str) -> list[dict[str, Any]]:
-        """All rows of a child table (translating whatever is still pending)."""
-        for _ in self.iter_rows(table, 1 << 30):
-            pass
+        """All rows of a child table (translating, once, whatever is still pending)."""
+        pending = self._spans[table]
+        if pending:
+            build = _BUILDERS[table]
+            self._rows[table].extend([build(span, attrs) for span, attrs in pending])
+            pending.clear()
         return self._rows[table]
 
-    def iter_rows(self, table: str, size: int, *, keep: bool = True) -> Iterator[list[dict[str, Any]]]:
-        """The table's rows in chunks of ``size``, translating pending spans as it goes.
-
-        ``keep=False`` (the COPY stream) neither stores the translated rows nor forgets the spans: rows
-        that outlive their chunk would only feed the garbage collector's full passes, and a batch that has
-        to go again (ON CONFLICT, the spool) translates its spans again, to the same rows.
-        """
-        done = self._rows[table]
-        for start in range(0, len(done), size):
-            yield done[start : start + size]
-        pending, build = self._spans[table], _BUILDERS[table]
-        if not keep:
-            for start in range(0, len(pending), size):
-                yield [build(span, attrs) for span, attrs in pending[start : start + size]]
-            return
-        while pending:
-            chunk = [build(span, attrs) for span, attrs in pending[:size]]
-            del pending[:size]
-            done.extend(chunk)
-            yield chunk
+    def format_rows(self, table: str, line: Callable[[dict[str, Any]], str]) -> list[str]:
+        """Every row of a child table through ``line`` (the COPY formatter), translating pending spans
+        without keeping their rows: each row dict dies as soon as it is formatted, so a batch never holds
+        hundreds of live dicts for the garbage collector to promote and later sweep."""
+        build = _BUILDERS[table]
+        lines = [line(row) for row in self._rows[table]]
+        lines.extend([line(build(span, attrs)) for span, attrs in self._spans[table]])
+        return lines
 
     @property
     def lm(self) -> list[dict[str, Any]]:
