@@ -242,9 +242,10 @@ class PostgresConfig(_Section):
     connection_url: str | None = _leaf(None, "optstr")
     pool_min_size: int = _leaf(1, "int", 0)
     pool_max_size: int = _leaf(10, "int", 0)
-    # Translate and write rows in a child process (no GIL shared with the application); false keeps the
-    # writer on a thread of the application's process.
-    writer_process: bool = _leaf(True, "bool")
+    # Translate and write rows in a child process (no GIL shared with the application) instead of on a
+    # thread of the application's process. Off by default: side by side, the thread writer ingests faster
+    # and costs the application's calls no more (BENCHMARKS.md, the Postgres writer).
+    writer_process: bool = _leaf(False, "bool")
 
     def _check_related(self, name: str, value: Any) -> None:
         # Read __dict__, not getattr: during __init__ getattr would see the class-level default of a bound

@@ -25,7 +25,9 @@ from tests.test_postgres_writer import (  # noqa: F401
 
 
 def test_instrumentation_writes_through_the_writer_process(make_tel, migrated: str) -> None:  # noqa: F811
-    tel = make_tel(writer_config(migrated))
+    config = writer_config(migrated)
+    config.storage.postgres.writer_process = True
+    tel = make_tel(config)
     writer = processor_of(tel)
     assert isinstance(writer, PostgresProcessSpanProcessor) and writer.uses_process
     assert writer._proc is not None and writer._proc.pid != os.getpid() and writer._proc.poll() is None
@@ -100,7 +102,9 @@ def test_the_child_never_instruments_itself(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_the_child_process_starts_no_writer_of_its_own(make_tel, migrated: str, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811,E501
     monkeypatch.setenv("ROMA_OTEL_WRITER_PROCESS", "1")  # as inside the writer process
-    tel = make_tel(writer_config(migrated))
+    config = writer_config(migrated)
+    config.storage.postgres.writer_process = True  # what the application asked for: not for the child
+    tel = make_tel(config)
     assert type(processor_of(tel)) is PostgresSpanProcessor
 
 

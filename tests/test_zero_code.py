@@ -354,16 +354,20 @@ def test_instrumentation_dependencies_match_the_instruments_extra() -> None:
     assert get_dependency_conflicts(list(deps)) is None
 
 
-def test_zero_code_postgres_rows_arrive_through_the_writer_process(tmp_path: Path, pg_dsn: str) -> None:
-    """A new user's Postgres set-up under opentelemetry-instrument: a YAML config, no code. The rows
-    arrive through the writer process, which must not instrument itself (no second writer, no spans)."""
+@pytest.mark.parametrize("writer_process", [False, True], ids=["thread writer", "writer process"])
+def test_zero_code_postgres_rows_arrive(tmp_path: Path, pg_dsn: str, writer_process: bool) -> None:
+    """A new user's Postgres set-up under opentelemetry-instrument: a YAML config, no code. The rows arrive
+    (with the writer process, through it; it must not instrument itself: no second writer, no spans)."""
     import psycopg
 
     from roma_otel.storage.migrate import upgrade
 
     upgrade(pg_dsn)
     config = tmp_path / "roma-otel.yaml"
-    config.write_text(f"storage:\n  postgres:\n    enabled: true\n    connection_url: {pg_dsn}\n")
+    config.write_text(
+        f"storage:\n  postgres:\n    enabled: true\n    connection_url: {pg_dsn}\n"
+        f"    writer_process: {str(writer_process).lower()}\n"
+    )
     app = _Launched(
         tmp_path, "postgres", {"OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "dspy", "ROMA_OTEL_CONFIG": str(config)}
     )
