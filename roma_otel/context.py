@@ -78,6 +78,17 @@ class TaskScope:
     agent_type: str | None = None
 
 
+# The names of ExecutionContext.figures(), as the seed's MLflow run metrics call them.
+SUMMARY_FIELDS = (
+    "total_tasks",
+    "completed_tasks",
+    "failed_tasks",
+    "total_cost",
+    "total_tokens",
+    "execution_duration",
+    "max_depth_reached",
+)
+
 _EXECUTION: ContextVar[ExecutionContext | None] = ContextVar("roma_otel_execution", default=None)
 _TASK: ContextVar[TaskScope | None] = ContextVar("roma_otel_task", default=None)
 
@@ -224,18 +235,23 @@ class ExecutionContext:
         end = self.end_time if self.end_time is not None else time.time()
         return end - self.start_time
 
+    def figures(self) -> tuple[int, int, int, float, int, float, int]:
+        """The run-level figures in ``SUMMARY_FIELDS`` order: ``summary()`` without building a dict, for
+        the end of every execution (an outermost module call is one)."""
+        total, completed, failed = self.task_counts()
+        return (
+            total,
+            completed,
+            failed,
+            round(self.total_cost, 10),
+            self.prompt_tokens + self.completion_tokens,
+            self.execution_duration,
+            self.max_depth_reached,
+        )
+
     def summary(self) -> dict[str, Any]:
         """Run-level figures, named as the seed's MLflow metrics."""
-        total, completed, failed = self.task_counts()
-        return {
-            "total_tasks": total,
-            "completed_tasks": completed,
-            "failed_tasks": failed,
-            "total_cost": round(self.total_cost, 10),
-            "total_tokens": self.total_tokens,
-            "execution_duration": self.execution_duration,
-            "max_depth_reached": self.max_depth_reached,
-        }
+        return dict(zip(SUMMARY_FIELDS, self.figures(), strict=True))
 
     def __repr__(self) -> str:
         return f"ExecutionContext(execution_id={self.execution_id!r}, status={self.status!r})"

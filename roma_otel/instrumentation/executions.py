@@ -63,19 +63,13 @@ _STATUS_LABELS = {
 
 
 def finish_execution(tel: Telemetry | None, ctx: ExecutionContext, span: Span | None, failed: bool) -> None:
-    """Close the books on an execution: span attributes, metrics, listeners. Never raises.
-
-    The figures are ``ctx.summary()``'s, computed here without building that dict: an outermost module
-    call is an execution too, so this runs once per top-level call.
-    """
-    end = ctx.end_time = time.time()
+    """Close the books on an execution: span attributes, metrics, listeners. Never raises."""
+    ctx.end_time = time.time()
     status = ctx.status = "failed" if failed else "completed"
     if tel is None:
         return
     try:
-        total_tasks, completed_tasks, failed_tasks = ctx.task_counts()
-        duration = end - ctx.start_time
-        cost = round(ctx.total_cost, 10)
+        total_tasks, completed_tasks, failed_tasks, cost, tokens, duration, depth_reached = ctx.figures()
         if span is not None and span.is_recording():
             attrs = {
                 sc.EXECUTION_ID: ctx.execution_id,  # a solver inside may have adopted ROMA's own id
@@ -84,9 +78,9 @@ def finish_execution(tel: Telemetry | None, ctx: ExecutionContext, span: Span | 
                 sc.EXECUTION_COMPLETED_TASKS: completed_tasks,
                 sc.EXECUTION_FAILED_TASKS: failed_tasks,
                 sc.EXECUTION_TOTAL_COST: cost,
-                sc.EXECUTION_TOTAL_TOKENS: ctx.prompt_tokens + ctx.completion_tokens,
+                sc.EXECUTION_TOTAL_TOKENS: tokens,
                 sc.EXECUTION_DURATION: duration,
-                sc.EXECUTION_MAX_DEPTH_REACHED: ctx.max_depth_reached,
+                sc.EXECUTION_MAX_DEPTH_REACHED: depth_reached,
             }
             if ctx.enriched:
                 attrs.update(execution_attributes(ctx))
