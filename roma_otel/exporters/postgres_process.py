@@ -115,22 +115,6 @@ def _write_pickled(stream: IO[bytes], data: bytes) -> None:
     stream.flush()
 
 
-def _widen_pipe(fd: int) -> None:
-    """Let the pipe hold many batches (Linux: up to pipe-max-size, 1 MiB by default; else as it is).
-
-    With the default 64 KiB, less than one 500-span batch, the feeder blocks until the child reads, and
-    the child never finds the next batch complete while Postgres finishes the current one; it then
-    translates each batch while Postgres waits, instead of ahead.
-    """
-    try:
-        import fcntl
-
-        limit = int(Path("/proc/sys/fs/pipe-max-size").read_text())
-        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, min(limit, 4 << 20))
-    except (ImportError, AttributeError, OSError, ValueError):
-        pass
-
-
 def _child_environment() -> dict[str, str]:
     """The parent's environment, minus what would make the child instrument itself."""
     env = dict(os.environ)
@@ -188,7 +172,6 @@ class PostgresProcessSpanProcessor(QueueingSpanProcessor):
             close_fds=True,
         )
         assert proc.stdin is not None and proc.stdout is not None
-        _widen_pipe(proc.stdin.fileno())
         _write_frame(proc.stdin, {"dsn": self.dsn, **self._engine_settings()})
         self._proc = proc
         self._reader = threading.Thread(target=self._read, args=(proc,), name="roma-otel-postgres-replies", daemon=True)
