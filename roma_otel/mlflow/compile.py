@@ -11,8 +11,7 @@ import time
 from typing import Any
 
 from roma_otel.mlflow.groups import OptimizerScope
-from roma_otel.mlflow.runs import TAG_KIND, TAG_VERSION, RunRecord, metric_key
-from roma_otel.version import __version__
+from roma_otel.mlflow.runs import RunRecord, metric_key, optimizer_run
 
 __all__ = ["callable_name", "compile_run", "optimizer_settings", "predictor_artifact", "to_jsonable"]
 
@@ -101,19 +100,9 @@ def compile_run(
     """The run for ``optimizer.compile(student, ...)`` that returned ``program`` (or raised ``error``)."""
     end = time.time()
     opt_name, program_name = type(optimizer).__name__, type(student).__name__
-    run = RunRecord(
-        key=scope.key,
-        run_name=f"compile {opt_name} {program_name}",
-        start_ms=int(start * 1000),
-        end_ms=int(end * 1000),
-        status="FAILED" if error is not None else "FINISHED",
-    )
-    run.add_tag(TAG_KIND, "compile")
-    run.add_tag(TAG_VERSION, __version__)
+    run = optimizer_run(scope.key, "compile", f"compile {opt_name} {program_name}", start, end, error)
     run.add_tag("optimizer", opt_name)
     run.add_tag("program", program_name)
-    if error is not None:
-        run.add_tag("error", f"{type(error).__name__}: {error}")
 
     run.add_param("optimizer", opt_name)
     run.add_param("program", program_name)

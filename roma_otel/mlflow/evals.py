@@ -11,8 +11,7 @@ from typing import Any
 
 from roma_otel.mlflow.compile import callable_name, to_jsonable
 from roma_otel.mlflow.groups import OptimizerScope
-from roma_otel.mlflow.runs import TAG_KIND, TAG_VERSION, RunRecord
-from roma_otel.version import __version__
+from roma_otel.mlflow.runs import RunRecord, optimizer_run
 
 __all__ = ["RESULTS_ARTIFACT", "eval_run", "results_table"]
 
@@ -64,18 +63,8 @@ def eval_run(
     end = time.time()
     program_name = type(program).__name__
     metric_name = callable_name(metric) if metric is not None else "score"
-    run = RunRecord(
-        key=scope.key,
-        run_name=f"evaluate {program_name}",
-        start_ms=int(start * 1000),
-        end_ms=int(end * 1000),
-        status="FAILED" if error is not None else "FINISHED",
-    )
-    run.add_tag(TAG_KIND, "evaluate")
-    run.add_tag(TAG_VERSION, __version__)
+    run = optimizer_run(scope.key, "evaluate", f"evaluate {program_name}", start, end, error)
     run.add_tag("program", program_name)
-    if error is not None:
-        run.add_tag("error", f"{type(error).__name__}: {error}")
     run.add_param("program", program_name)
     run.add_param("metric", metric_name)
     if devset is not None and hasattr(devset, "__len__"):

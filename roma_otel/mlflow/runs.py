@@ -164,6 +164,24 @@ def toolkit_summary(ctx: ExecutionContext) -> dict[str, Any]:
     return summary
 
 
+def optimizer_run(
+    key: tuple[str, str], kind: str, run_name: str, start: float, end: float, error: BaseException | None
+) -> RunRecord:
+    """The common part of a compile or evaluate run: its times, status, kind and version tags, and the error."""
+    run = RunRecord(
+        key=key,
+        run_name=run_name,
+        start_ms=int(start * 1000),
+        end_ms=int(end * 1000),
+        status="FAILED" if error is not None else "FINISHED",
+    )
+    run.add_tag(TAG_KIND, kind)
+    run.add_tag(TAG_VERSION, __version__)
+    if error is not None:
+        run.add_tag("error", f"{type(error).__name__}: {error}")
+    return run
+
+
 def execution_run(
     ctx: ExecutionContext,
     *,
