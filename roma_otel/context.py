@@ -116,6 +116,7 @@ class ExecutionContext:
         "metadata",
         "module_stats",
         "prompt_tokens",
+        "root_started",
         "solver_type",
         "start_time",
         "status",
@@ -143,6 +144,9 @@ class ExecutionContext:
         self.config_version = config_version
         self.implicit = implicit
         self.enriched = False  # details added after the span started (a solver inside a module call)
+        # False until the execution's root span has started: a span processor's on_start that sees a
+        # roma-otel span while this is False is looking at the root (see mlflow/traces.py).
+        self.root_started = False
         self.metadata = metadata if metadata is not None else {}
         self.start_time = time.time()
         self.end_time: float | None = None
@@ -216,18 +220,12 @@ class ExecutionContext:
     def task_counts(self) -> tuple[int, int, int]:
         """(total, completed, failed); an execution with no task scopes counts as one task."""
         if not self._tasks:  # the common case of a run without task scopes: no lock, no copy
-            statuses: list[str] = []
-        else:
-            with self._lock:
-                statuses = list(self._tasks.values())
-        if not statuses:
-            if self.status == "running":
-                return 1, 0, 0
-            return 1, int(self.status == "completed"), int(self.status == "failed")
-        failed = statuses.count("failed")
+            status = self.status  # "running" counts as neither
+            return 1, int(status == "completed"), int(status == "failed")
+        with self._lock:
+            statuses = list(self._tasks.values())
         # Tasks still "running" at the end were left unfinished by the program: not completed.
-        completed = statuses.count("completed")
-        return len(statuses), completed, failed
+        return len(statuses), statuses.count("completed"), statuses.count("failed")
 
     @property
     def execution_duration(self) -> float:
@@ -238,14 +236,19 @@ class ExecutionContext:
     def figures(self) -> tuple[int, int, int, float, int, float, int]:
         """The run-level figures in ``SUMMARY_FIELDS`` order: ``summary()`` without building a dict, for
         the end of every execution (an outermost module call is one)."""
-        total, completed, failed = self.task_counts()
+        if self._tasks:
+            total, completed, failed = self.task_counts()
+        else:  # task_counts' common case, inline: this runs once per outermost module call
+            status = self.status
+            total, completed, failed = 1, int(status == "completed"), int(status == "failed")
+        end = self.end_time if self.end_time is not None else time.time()
         return (
             total,
             completed,
             failed,
             round(self.total_cost, 10),
             self.prompt_tokens + self.completion_tokens,
-            self.execution_duration,
+            end - self.start_time,
             self.max_depth_reached,
         )
 

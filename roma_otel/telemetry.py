@@ -49,6 +49,7 @@ class _MeterState:
         self.meter = meter
         self.counters: dict[str, FastCounter] = {}
         self.histograms: dict[str, DeferredHistogram] = {}
+        self.execution_ends: DeferredExecutionEnds | None = None
 
     def counter(self, spec: tuple[str, str, str]) -> FastCounter:
         with _STATES_LOCK:
@@ -64,7 +65,18 @@ class _MeterState:
                 found = self.histograms[spec[0]] = DeferredHistogram(self, spec, buckets)
             return found
 
+    def ends(self) -> DeferredExecutionEnds:
+        if self.execution_ends is None:
+            ends = DeferredExecutionEnds(self)  # outside the lock: it takes it for its own instruments
+            with _STATES_LOCK:
+                if self.execution_ends is None:
+                    self.execution_ends = ends
+        return self.execution_ends
+
     def drain(self) -> None:
+        # Execution ends first: they feed a counter and two of the histograms below.
+        if self.execution_ends is not None:
+            self.execution_ends.drain()
         for histogram in list(self.histograms.values()):
             histogram.drain()
 
@@ -161,11 +173,71 @@ class DeferredHistogram:
             # Consecutive values of one call (an LM call queues four) share their span's context.
             if span_context is not last_span_context:
                 last_span_context = span_context
-                if span_context.is_valid:
-                    context = trace.set_span_in_context(NonRecordingSpan(span_context))
-                else:
-                    context = _NO_SPAN_CONTEXT
+                context = exemplar_context(span_context)
             record(value, attributes, context=context)
+
+    def record_now(self, value: float, attributes: dict[str, Any], context: Any) -> None:
+        """Record straight into the SDK histogram (for a drain that already holds the exemplar context)."""
+        self._histogram.record(value, attributes, context=context)
+
+
+def exemplar_context(span_context: SpanContext) -> Any:
+    """The context a queued value is replayed in, so an exemplar points at the span it was recorded in."""
+    if span_context.is_valid:
+        return trace.set_span_in_context(NonRecordingSpan(span_context))
+    return _NO_SPAN_CONTEXT
+
+
+# status -> (its label set, the same frozen for FastCounter.add_key): built once, not per execution
+_STATUS_LABELS = {
+    failed: ({sc.L_STATUS: status}, frozenset({(sc.L_STATUS, status)}))
+    for failed, status in ((False, "completed"), (True, "failed"))
+}
+
+
+class DeferredExecutionEnds:
+    """Ended executions queued until a reader collects: one append per execution instead of a counter
+    add and two histogram records.
+
+    Every outermost module call is an execution, so this is on the hot path of a program that calls
+    modules at its top level: the three measurements cost ~3 µs there, the append ~0.2 µs. The drain
+    (run, like ``DeferredHistogram``'s, from the meter's callbacks before any aggregation is read, or a
+    few at a time by the recording thread once ``LIMIT`` are queued) makes the same measurements, with
+    the same labels and the same exemplar span, in order.
+    """
+
+    __slots__ = ("__weakref__", "_cost", "_count", "_duration", "_pending")
+
+    LIMIT = DeferredHistogram.LIMIT
+    DRAIN_STEP = DeferredHistogram.DRAIN_STEP
+
+    def __init__(self, state: _MeterState) -> None:
+        self._count = state.counter(sc.M_EXECUTIONS)
+        self._duration = state.histogram(sc.M_EXECUTION_DURATION_SECONDS, sc.EXECUTION_DURATION_SECONDS_BUCKETS)
+        self._cost = state.histogram(sc.M_EXECUTION_COST_USD, sc.EXECUTION_COST_USD_BUCKETS)
+        self._pending: deque[tuple[bool, float, float, SpanContext]] = deque()
+
+    def record(self, failed: bool, duration_s: float, cost_usd: float, span: Span) -> None:
+        """Queue one execution's end; ``span`` is its root (the exemplar for both histograms)."""
+        pending = self._pending
+        pending.append((failed, duration_s, cost_usd, span.get_span_context()))
+        if len(pending) > self.LIMIT:
+            self.drain(self.DRAIN_STEP)
+
+    def drain(self, most: int | None = None) -> None:
+        pending = self._pending
+        left = most if most is not None else -1
+        while left:
+            left -= 1
+            try:
+                failed, duration_s, cost_usd, span_context = pending.popleft()
+            except IndexError:
+                return
+            labels, key = _STATUS_LABELS[failed]
+            self._count.add_key(1, key)
+            context = exemplar_context(span_context)
+            self._duration.record_now(duration_s, labels, context)
+            self._cost.record_now(cost_usd, labels, context)
 
 
 _STATES: weakref.WeakKeyDictionary[Any, _MeterState] = weakref.WeakKeyDictionary()
@@ -253,9 +325,8 @@ class Telemetry:
         self.lm_latency = histogram(sc.M_LM_LATENCY_MS, sc.LM_LATENCY_MS_BUCKETS)
         self.genai_tokens = histogram(sc.M_GENAI_TOKEN_USAGE, sc.GENAI_TOKEN_USAGE_BUCKETS)
         self.genai_duration = histogram(sc.M_GENAI_OPERATION_DURATION, sc.GENAI_OPERATION_DURATION_BUCKETS)
-        self.executions = counter(sc.M_EXECUTIONS)
-        self.execution_duration = histogram(sc.M_EXECUTION_DURATION_SECONDS, sc.EXECUTION_DURATION_SECONDS_BUCKETS)
-        self.execution_cost = histogram(sc.M_EXECUTION_COST_USD, sc.EXECUTION_COST_USD_BUCKETS)
+        # executions by status and the execution duration and cost histograms
+        self.execution_ends = state.ends()
         self.tasks = counter(sc.M_TASKS)
         self.toolkit_events = counter(sc.M_TOOLKIT_LIFECYCLE)
         self.toolkit_duration = histogram(sc.M_TOOLKIT_LIFECYCLE_DURATION_MS, sc.TOOL_DURATION_MS_BUCKETS)
@@ -266,22 +337,20 @@ class Telemetry:
         self.execution_listeners: list[Callable[[ExecutionContext], None]] = []
 
     # --- spans ----------------------------------------------------------------------------------
-    def start_span(
-        self, name: str, kind: SpanKind, attributes: dict[str, Any], at_start: dict[str, Any] | None = None
-    ) -> Span:
+    def start_span(self, name: str, kind: SpanKind, attributes: dict[str, Any]) -> Span:
         """``tracer.start_span`` for roma-otel's own spans.
 
         The SDK checks and copies every attribute value given at the start (about 0.4 µs each, and
-        roma-otel's spans carry 5 to 20). When the sampler cannot read attributes, only ``at_start`` is
-        given at the start (what a span processor's ``on_start`` must see, such as what marks an
-        execution's root); the rest is written right after through ``set_attributes``, which skips the
-        check for values that need none. Otherwise everything is given at the start.
+        roma-otel's spans carry 5 to 20; a sampled span pays it twice, once for the sampler's result).
+        When the sampler cannot read attributes, the span starts with none and they are written right
+        after through ``set_attributes``, which skips the check for values that need none: a span
+        processor's ``on_start`` then sees no attributes (it finds the execution through
+        ``ExecutionContext.get()``, see ``ExecutionContext.root_started``). Otherwise everything is
+        given at the start.
         """
         if not self._attribute_blind:
-            return self.tracer.start_span(
-                name, kind=kind, attributes=attributes if at_start is None else at_start | attributes
-            )
-        span = self.tracer.start_span(name, kind=kind, attributes=at_start)
+            return self.tracer.start_span(name, kind=kind, attributes=attributes)
+        span = self.tracer.start_span(name, kind=kind)
         self.set_attributes(span, attributes)
         return span
 

@@ -7,6 +7,7 @@ readers export, so a value lost, doubled, attributed to the wrong interval or to
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import pytest
 from opentelemetry.sdk.metrics import Histogram, MeterProvider
@@ -15,7 +16,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from roma_otel import semconv as sc
 from roma_otel.config import default_config
-from roma_otel.telemetry import DeferredHistogram, Telemetry
+from roma_otel.telemetry import DeferredExecutionEnds, DeferredHistogram, Telemetry
 
 
 def _points(reader: InMemoryMetricReader, name: str) -> list:
@@ -143,4 +144,77 @@ def test_instrumenting_again_on_the_same_meter_shares_queues_and_totals() -> Non
     (p,) = _points(reader, TOOL)
     assert (p.count, p.sum) == (2, 3.0)
     (c,) = _points(reader, sc.M_TOOL_INVOCATIONS[0])
+    assert c.value == 2
+
+
+EXECUTIONS = sc.M_EXECUTIONS[0]
+EXEC_DURATION = sc.M_EXECUTION_DURATION_SECONDS[0]
+EXEC_COST = sc.M_EXECUTION_COST_USD[0]
+
+
+def _collect(reader: InMemoryMetricReader) -> dict[str, list]:
+    data = reader.get_metrics_data()
+    found: dict[str, list] = {}
+    for rm in data.resource_metrics if data else []:
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                found.setdefault(metric.name, []).extend(metric.data.data_points)
+    return found
+
+
+def _by_status(points: list) -> dict[str, Any]:
+    return {p.attributes[sc.L_STATUS]: p for p in points}
+
+
+def test_execution_ends_become_the_counter_and_both_histograms_with_their_span_as_exemplar() -> None:
+    reader = InMemoryMetricReader()
+    tel, _, tp = _make([reader])
+    tracer = tp.get_tracer("test")
+    with tracer.start_as_current_span("ok run") as ok_span:
+        tel.execution_ends.record(False, 1.5, 0.25, ok_span)
+    tel.execution_ends.record(False, 2.5, 0.5, ok_span)
+    with tracer.start_as_current_span("failed run") as failed_span:
+        tel.execution_ends.record(True, 4.0, 1.0, failed_span)
+    with tracer.start_as_current_span("someone collecting"):
+        collected = _collect(reader)  # one collection: exemplars are reported in the one they were made in
+    counts = _by_status(collected[EXECUTIONS])
+    assert {k: p.value for k, p in counts.items()} == {"completed": 2, "failed": 1}
+    durations = _by_status(collected[EXEC_DURATION])
+    costs = _by_status(collected[EXEC_COST])
+    assert (durations["completed"].count, durations["completed"].sum) == (2, 4.0)
+    assert (durations["failed"].count, durations["failed"].sum) == (1, 4.0)
+    assert (costs["completed"].count, costs["completed"].sum) == (2, 0.75)
+    assert (costs["failed"].count, costs["failed"].sum) == (1, 1.0)
+    assert list(durations["failed"].explicit_bounds) == list(sc.EXECUTION_DURATION_SECONDS_BUCKETS)
+    (exemplar,) = durations["failed"].exemplars
+    assert exemplar.span_id == failed_span.get_span_context().span_id
+    assert {e.span_id for e in costs["completed"].exemplars} == {ok_span.get_span_context().span_id}
+    # Nothing replayed twice: the next collection keeps the same cumulative totals.
+    assert {k: p.value for k, p in _by_status(_points(reader, EXECUTIONS)).items()} == {"completed": 2, "failed": 1}
+
+
+def test_execution_end_queue_is_bounded_without_any_collection(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(DeferredExecutionEnds, "LIMIT", 50)
+    monkeypatch.setattr(DeferredExecutionEnds, "DRAIN_STEP", 3)
+    reader = InMemoryMetricReader()
+    tel, _, tp = _make([reader])
+    span = tp.get_tracer("test").start_span("run")
+    for i in range(300):
+        tel.execution_ends.record(i % 3 == 0, 1.0, 0.0, span)
+        if i >= 50:
+            assert 48 <= len(tel.execution_ends._pending) <= 50
+    counts = _by_status(_points(reader, EXECUTIONS))
+    assert {k: p.value for k, p in counts.items()} == {"completed": 200, "failed": 100}
+    assert sum(p.count for p in _points(reader, EXEC_DURATION)) == 300
+
+
+def test_instrumenting_again_shares_the_execution_end_queue() -> None:
+    reader = InMemoryMetricReader()
+    mp = MeterProvider(metric_readers=[reader])
+    first = Telemetry(default_config(), meter_provider=mp)
+    second = Telemetry(default_config(), meter_provider=mp)
+    assert second.execution_ends is first.execution_ends
+    first.execution_ends.record(False, 1.0, 0.0, first.tracer.start_span("a"))
+    second.execution_ends.record(False, 1.0, 0.0, second.tracer.start_span("b"))
+    (c,) = _points(reader, EXECUTIONS)
     assert c.value == 2

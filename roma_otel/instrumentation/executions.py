@@ -35,16 +35,12 @@ def new_id() -> str:
     return f"{random.getrandbits(128):032x}"
 
 
-def root_attributes(ctx: ExecutionContext) -> dict[str, Any]:
-    """What marks a span as an execution's root to a span processor's ``on_start`` (the MLflow bridge's)."""
-    if ctx.implicit:
-        return {sc.EXECUTION_ID: ctx.execution_id, sc.EXECUTION_IMPLICIT: True}
-    return {sc.EXECUTION_ID: ctx.execution_id}
-
-
 def execution_attributes(ctx: ExecutionContext) -> dict[str, Any]:
-    """The execution's details, besides ``root_attributes``."""
-    attrs: dict[str, Any] = {sc.TASK_DEPTH: 0}
+    """What an execution's root span carries from its start: its id, its details, and whether a module
+    call made it."""
+    attrs: dict[str, Any] = {sc.EXECUTION_ID: ctx.execution_id, sc.TASK_DEPTH: 0}
+    if ctx.implicit:
+        attrs[sc.EXECUTION_IMPLICIT] = True
     if ctx.task is not None:
         attrs[sc.EXECUTION_TASK] = ctx.task[:_MAX_TASK_TEXT]
     if ctx.max_depth is not None:
@@ -54,12 +50,6 @@ def execution_attributes(ctx: ExecutionContext) -> dict[str, Any]:
     if ctx.config_version is not None:
         attrs[sc.EXECUTION_CONFIG_VERSION] = ctx.config_version
     return attrs
-
-
-# status -> (its label set, the same frozen for FastCounter.add_key): built once, not per execution
-_STATUS_LABELS = {
-    status: ({sc.L_STATUS: status}, frozenset({(sc.L_STATUS, status)})) for status in ("completed", "failed")
-}
 
 
 def finish_execution(tel: Telemetry | None, ctx: ExecutionContext, span: Span | None, failed: bool) -> None:
@@ -85,10 +75,7 @@ def finish_execution(tel: Telemetry | None, ctx: ExecutionContext, span: Span | 
             if ctx.enriched:
                 attrs.update(execution_attributes(ctx))
             tel.set_attributes(span, attrs)
-        labels, key = _STATUS_LABELS[status]
-        tel.executions.add_key(1, key)
-        tel.execution_duration.record(duration, labels, span)
-        tel.execution_cost.record(cost, labels, span)
+        tel.execution_ends.record(failed, duration, cost, span if span is not None else trace.get_current_span())
         # tasks_total counts task-tree nodes; a run with no task scopes has none to count.
         if ctx.has_tasks:
             if completed_tasks:
@@ -211,13 +198,16 @@ def _begin(
     )
     span: Span | None = None
     otel_token: object = None
+    # Set before the span starts, so a span processor's on_start finds the execution (see root_started).
+    ex_token = _EXECUTION.set(ctx)
     if tel is not None:
         try:
-            span = tel.start_span(sc.SPAN_EXECUTION, SpanKind.INTERNAL, execution_attributes(ctx), root_attributes(ctx))
+            span = tel.start_span(sc.SPAN_EXECUTION, SpanKind.INTERNAL, execution_attributes(ctx))
             otel_token = otel_context.attach(trace.set_span_in_context(span))
         except Exception as exc:
             tel.internal_error("execution.start", exc)
-    return ctx, span, _EXECUTION.set(ctx), otel_token, tel
+    ctx.root_started = True
+    return ctx, span, ex_token, otel_token, tel
 
 
 def _end(

@@ -447,10 +447,10 @@ def _reachable(uri: str, timeout: float) -> bool:
 
 def _root_module_name() -> str:
     """The class of the outermost module call that made an implicit execution (its run name)."""
-    from roma_otel.instrumentation.modules import _MODULE
+    from roma_otel.instrumentation.modules import current_module_instance
 
-    frame = _MODULE.get()
-    return type(frame.instance).__name__ if frame is not None else "execution"
+    instance = current_module_instance()
+    return type(instance).__name__ if instance is not None else "execution"
 
 
 def start_bridge(config: RomaOtelConfig, tel: Telemetry, tracer_provider: Any, patcher: Patcher) -> MLflowBridge | None:

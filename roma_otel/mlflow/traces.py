@@ -17,6 +17,7 @@ from opentelemetry import trace as trace_api
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 
 from roma_otel import semconv as sc
+from roma_otel.context import ExecutionContext
 from roma_otel.mlflow.groups import COMPILE, current_scope
 from roma_otel.telemetry import SCOPE
 
@@ -62,12 +63,17 @@ class TraceJob:
         return mlflow_trace_id(self.spans[-1][0].context.trace_id)
 
 
-def _is_execution_root(span: Any) -> bool:
+def _starting_root(span: Any) -> ExecutionContext | None:
+    """The execution whose root ``span`` is, when ``on_start`` sees an execution's root; else None.
+
+    roma-otel's spans start without attributes (see ``Telemetry.start_span``), so the root is found
+    through the execution that is current while it starts and has not started its root yet.
+    """
     scope = span.instrumentation_scope
     if scope is None or scope.name != SCOPE:
-        return False
-    attrs = span.attributes or {}
-    return span.name == sc.SPAN_EXECUTION or bool(attrs.get(sc.EXECUTION_IMPLICIT))
+        return None
+    ctx = ExecutionContext.get()
+    return ctx if ctx is not None and not ctx.root_started else None
 
 
 class MLflowSpanForwarder(SpanProcessor):
@@ -103,12 +109,13 @@ class MLflowSpanForwarder(SpanProcessor):
             info = self._tracked.get(parent.span_id) if parent is not None else None
             span_id = span.context.span_id
             if info is None:
-                if not _is_execution_root(span):
+                execution = _starting_root(span)
+                if execution is None:
                     return
                 scope = current_scope(parent_context)
                 if scope is not None and scope.kind == COMPILE and not self.from_compile:
                     return
-                execution_id = str((span.attributes or {}).get(sc.EXECUTION_ID, ""))
+                execution_id = execution.execution_id
                 key = scope.key if scope is not None else ("execution", execution_id)
                 self._track(span_id, (_Open(key, span_id, execution_id), True, None))
                 return
