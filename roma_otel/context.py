@@ -242,11 +242,12 @@ class ExecutionContext:
             status = self.status
             total, completed, failed = 1, int(status == "completed"), int(status == "failed")
         end = self.end_time if self.end_time is not None else time.time()
+        cost = self.total_cost
         return (
             total,
             completed,
             failed,
-            round(self.total_cost, 10),
+            round(cost, 10) if cost else 0.0,  # round() with digits formats the float: skip it for 0
             self.prompt_tokens + self.completion_tokens,
             end - self.start_time,
             self.max_depth_reached,

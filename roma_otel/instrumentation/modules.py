@@ -83,36 +83,38 @@ def _enter(tel: Telemetry, instance: Any, parent: ModuleFrame | None) -> tuple[A
 
     span = None
     otel_token = None
-    if exec_token is not None or not tel.skip_span():
-        task = _TASK.get()
-        task = _TASK.get()
-        if exec_token is not None:
-            attrs = execution_attributes(ctx)
-            attrs[sc.MODULE] = own
-            attrs[sc.MODULE_CLASS] = qualname
-        else:
-            attrs = {
-                sc.MODULE: own,
-                sc.MODULE_CLASS: qualname,
-                sc.EXECUTION_ID: ctx.execution_id,
-                sc.TASK_DEPTH: task.depth if task is not None else 0,
-            }
+    pending = None
+    task = _TASK.get()
+    if exec_token is not None:
+        attrs = execution_attributes(ctx)
+        attrs[sc.MODULE] = own
+        attrs[sc.MODULE_CLASS] = qualname
+        if task is not None and task.task_id is not None:
+            attrs[sc.TASK_ID] = task.task_id
+        span, pending = tel.start_root_span(type(instance).__name__, attrs)
+        otel_token = otel_context.attach(trace.set_span_in_context(span))
+        ctx.root_started = True
+    elif not tel.skip_span():
+        attrs = {
+            sc.MODULE: own,
+            sc.MODULE_CLASS: qualname,
+            sc.EXECUTION_ID: ctx.execution_id,
+            sc.TASK_DEPTH: task.depth if task is not None else 0,
+        }
         if task is not None and task.task_id is not None:
             attrs[sc.TASK_ID] = task.task_id
         span = tel.start_span(type(instance).__name__, SpanKind.INTERNAL, attrs)
         otel_token = otel_context.attach(trace.set_span_in_context(span))
-    if exec_token is not None:
-        ctx.root_started = True
-    return module_token, exec_token, ctx, span, otel_token
+    return module_token, exec_token, ctx, span, otel_token, pending
 
 
 def _exit(tel: Telemetry, state: tuple[Any, ...], exc: BaseException | None) -> None:
-    module_token, exec_token, ctx, span, otel_token = state
+    module_token, exec_token, ctx, span, otel_token, pending = state
     try:
         if span is not None and exc is not None:
             mark_error(span, exc)
         if exec_token is not None:
-            finish_execution(tel, ctx, span, exc is not None)
+            finish_execution(tel, ctx, span, exc is not None, pending)
     except Exception as err:
         tel.internal_error("module.exit", err)
     finally:
