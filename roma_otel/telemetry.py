@@ -366,24 +366,25 @@ class Telemetry:
             return self.tracer.start_span(name, kind=SpanKind.INTERNAL, attributes=attributes), None
         return self.tracer.start_span(name, kind=SpanKind.INTERNAL), attributes
 
-    def set_attributes(self, span: Span, attributes: dict[str, Any]) -> None:
+    def set_attributes(self, span: Span, attributes: dict[str, Any], plain: bool = False) -> None:
         """``span.set_attributes`` for values roma-otel built, on a span roma-otel started and has not ended.
 
         On the SDK's span, with no attribute-length limit and room under the attribute-count limit,
         values of plain types (str, bool, int, float: stored unchanged by the SDK's check) go straight
-        into the span's attribute dict. Anything else takes the public path.
+        into the span's attribute dict. Anything else takes the public path. ``plain=True``: the caller
+        built every value as one of those types itself, so they are not checked again.
         """
         if type(span) is self._direct_span_type:
             stored = span._attributes._dict  # type: ignore[attr-defined]
-            if len(stored) + len(attributes) <= self._direct_max_attributes and _PLAIN_VALUE_TYPES.issuperset(
-                map(type, attributes.values())
+            if len(stored) + len(attributes) <= self._direct_max_attributes and (
+                plain or _PLAIN_VALUE_TYPES.issuperset(map(type, attributes.values()))
             ):
                 stored.update(attributes)
                 return
         elif not self._probed and span.is_recording():
             self._probe(span)
             if type(span) is self._direct_span_type:
-                self.set_attributes(span, attributes)
+                self.set_attributes(span, attributes, plain)
                 return
         span.set_attributes(attributes)
 

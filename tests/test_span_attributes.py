@@ -145,3 +145,35 @@ def test_values_that_need_the_sdk_check_still_get_it() -> None:
     assert finished.attributes["listed"] == (1, 2)
     assert "odd" in finished.attributes and finished.attributes["odd"] is None
     assert finished.attributes["plain"] == 1 and finished.attributes["after"] is True
+
+
+
+def test_ids_from_user_code_that_are_not_strings_still_get_the_sdk_check(make_tel: Any) -> None:
+    """An execution root's attributes go in with its end figures, unchecked only when every value is
+    roma-otel's own: a task id or execution id of another type is still stored as the SDK stores it."""
+    import uuid
+
+    from roma_otel import task
+
+    def program() -> None:
+        with task("outside any execution", task_id=["t", 7]):  # type: ignore[arg-type]
+            Trivial()(x=1)  # an implicit execution whose root carries the task's id
+        with execution("explicit", execution_id=uuid.UUID(int=5)):  # type: ignore[arg-type]
+            Trivial()(x=2)
+
+    direct = make_tel()
+    program()
+    direct.instrumentor.uninstrument()
+    checked = make_tel(sampler=AttributeReadingSampler())
+    program()
+
+    def typed(spans: list) -> list[dict[str, type]]:
+        return [{k: type(v) for k, v in s.attributes.items()} for s in spans]
+
+    assert typed(direct.spans()) == typed(checked.spans())
+    root = next(s for s in direct.spans() if s.attributes.get(sc.EXECUTION_IMPLICIT))
+    assert root.attributes[sc.TASK_ID] == ("t", 7) and root.attributes[sc.EXECUTION_STATUS] == "completed"
+    for span in direct.spans():
+        for key, value in span.attributes.items():
+            cleaned = _clean_attribute_value(value, None)
+            assert cleaned == value and type(cleaned) is type(value), (span.name, key, value)

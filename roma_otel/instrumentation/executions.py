@@ -83,7 +83,12 @@ def finish_execution(
             attrs[sc.EXECUTION_MAX_DEPTH_REACHED] = depth_reached
             if ctx.enriched:
                 attrs.update(execution_attributes(ctx))
-            tel.set_attributes(span, attrs)
+                tel.set_attributes(span, attrs)
+            else:
+                # Figures computed here over the root's start attributes (plain values, the typed config's
+                # version, class names): only the execution and task ids may come from a user's code.
+                plain = type(ctx.execution_id) is str and type(attrs.get(sc.TASK_ID, "")) is str
+                tel.set_attributes(span, attrs, plain)
         tel.execution_ends.record(failed, duration, cost, span if span is not None else trace.get_current_span())
         # tasks_total counts task-tree nodes; a run with no task scopes has none to count.
         if ctx.has_tasks:
