@@ -338,3 +338,58 @@ def test_a_translation_failure_is_counted_and_the_writer_goes_on(
         writer.shutdown()
     assert rows(migrated, "SELECT status FROM executions WHERE execution_id = %s", first) == [("completed",)]
     assert rows(migrated, "SELECT count(*) FROM lm_traces") == [(2,)]
+
+
+def test_tool_rows_formatted_straight_from_spans_match_the_row_translation(tel) -> None:
+    """Tool invocation spans skip the row dict on the COPY path (``_tool_span_line``); every kind of tool
+    span must give exactly the text the row translation gives, also as the writer process's records."""
+    from opentelemetry.trace import SpanKind, Status, StatusCode
+
+    from roma_otel.exporters.postgres import _tool_line, _tool_span_line
+    from roma_otel.exporters.postgres_process import SpanRecord, snapshot
+    from roma_otel.storage.rows import span_attributes, tool_invocation_row
+
+    run_execution()
+    with roma_otel.execution("escapes"), pytest.raises(ConnectionError):
+        Weather().broken('tab\there, newline\nthere, back\\slash, quote "q", naïve')
+    with roma_otel.execution("tasks"), roma_otel.task("in a task", task_id="t-1"):
+        Weather().forecast("Oslo")  # a tool call with a task id
+    # A tool span made by hand, with none of the optional attributes: duration from the span's times,
+    # success from its status.
+    bare = tel.tracer_provider.get_tracer("roma_otel").start_span(
+        "execute_tool bare", kind=SpanKind.INTERNAL, attributes={sc.EXECUTION_ID: "e\tx", sc.TOOLKIT_CLASS: "K\\1"}
+    )
+    bare.set_status(Status(StatusCode.ERROR))
+    bare.end()
+    spans = [s for s in tel.spans() if classify(s) == TOOL] + [bare]
+    assert len(spans) == 5
+    records = [SpanRecord(*snapshot(s)) for s in spans]
+    for span in spans + records:
+        attrs = span_attributes(span)
+        assert _tool_span_line(span, attrs) == _tool_line(tool_invocation_row(span, attrs)), span.name
+    lines = [_tool_span_line(s, span_attributes(s)) for s in spans]
+    assert sum("\\N" not in line.split("\t")[8] for line in lines) == 3  # three failures carry an error text
+    assert '"task_id":"t-1"' in lines[-2] and "e\\tx\tK\\\\1\t" in lines[-1]
+
+
+def test_an_execution_row_deleted_mid_run_is_recreated_and_nothing_is_lost(tel, migrated: str, tmp_path: Path) -> None:
+    """The writer skips the first-seen insert for executions it already committed; if such a row is gone
+    (deleted while the run goes on), the next batch still lands, with its execution row back."""
+    run_execution()
+    spans = [(classify(s), s) for s in tel.spans() if classify(s) in (LM, TOOL)]
+    (execution_id,) = {str(s.attributes[sc.EXECUTION_ID]) for _, s in spans}
+    writer = PostgresSpanProcessor(migrated, spool_dir=tmp_path)
+    try:
+        writer._write(to_batch(spans[:2], {}))
+        assert execution_id in writer._known_executions
+        with psycopg.connect(migrated, autocommit=True) as conn:
+            conn.execute("DELETE FROM executions WHERE execution_id = %s", (execution_id,))
+        writer._write(to_batch(spans[2:], {}))
+    finally:
+        writer.shutdown()
+    (count,) = rows(migrated, "SELECT count(*) FROM executions WHERE execution_id = %s", execution_id)[0:1]
+    assert count == (1,)
+    landed = rows(migrated, "SELECT count(*) FROM lm_traces")[0][0] + rows(
+        migrated, "SELECT count(*) FROM tool_invocation_traces"
+    )[0][0]
+    assert landed == len(spans) - 2  # the first two went with the deleted execution (ON DELETE CASCADE)

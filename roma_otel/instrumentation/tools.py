@@ -100,14 +100,15 @@ def _enter(
         span.set_attribute(sc.GEN_AI_TOOL_CALL_ARGUMENTS, tel.redactor.render(_input_payload(args, kwargs)))
     return (
         _TOOL.set(owner), otel_token, span, sampled, ctx, toolkit_class, tool_name, input_size,
-        time.time(), time.perf_counter(),
+        time.time(), time.perf_counter_ns(),
     )  # fmt: skip
 
 
 def _exit(tel: Telemetry, state: tuple[Any, ...], exc: BaseException | None, result: Any) -> None:
     tool_token, otel_token, span, sampled, ctx, toolkit_class, tool_name, input_size, wall, start = state
     try:
-        duration_ms = (time.perf_counter() - start) * 1000.0
+        # Whole nanoseconds over 1e6: the float of a short decimal, which prints (and copies) in half the time.
+        duration_ms = (time.perf_counter_ns() - start) / 1e6
         labels = {sc.L_TOOLKIT_CLASS: toolkit_class, sc.L_TOOL_NAME: tool_name}
         tel.tool_invocations.add(1, labels)
         tel.tool_duration.record(duration_ms, labels, span)

@@ -24,8 +24,10 @@ __all__ = [
     "execution_final",
     "lm_row",
     "span_attributes",
+    "span_error",
     "to_batch",
     "tool_invocation_row",
+    "tool_metadata",
     "toolkit_row",
 ]
 
@@ -50,7 +52,7 @@ def _duration_ms(span: Any) -> float:
     return ((span.end_time or 0) - (span.start_time or 0)) / 1e6
 
 
-def _error(span: Any, attrs: dict[str, Any] | None = None) -> str | None:
+def span_error(span: Any, attrs: dict[str, Any] | None = None) -> str | None:
     status = span.status
     if status.status_code is not StatusCode.ERROR:
         return None
@@ -133,17 +135,16 @@ def lm_row(span: Any, attrs: dict[str, Any] | None = None) -> dict[str, Any]:
         "cost_source": attrs.get(sc.LM_COST_SOURCE),
         "latency_ms": float(attrs.get(sc.LM_LATENCY_MS, _duration_ms(span))),
         "cache_hit": bool(attrs.get(sc.LM_CACHE_HIT, False)),
-        "error": _error(span, attrs),
+        "error": span_error(span, attrs),
         "metadata": metadata,
     }
 
 
-def tool_invocation_row(span: Any, attrs: dict[str, Any] | None = None) -> dict[str, Any]:
-    if attrs is None:
-        attrs = span_attributes(span)
+def tool_metadata(attrs: dict[str, Any], trace_hex: str, span_hex: str) -> dict[str, Any]:
+    """A tool invocation row's metadata: the span's ids (the row's idempotency key) and its place in the tree."""
     metadata: dict[str, Any] = {
-        "otel_trace_id": _hex_trace(span),
-        "span_id": _hex_span(span.context.span_id),
+        "otel_trace_id": trace_hex,
+        "span_id": span_hex,
         "module": attrs.get(sc.MODULE),
         "depth": attrs.get(sc.TASK_DEPTH, 0),
     }
@@ -151,7 +152,14 @@ def tool_invocation_row(span: Any, attrs: dict[str, Any] | None = None) -> dict[
         metadata["task_id"] = attrs[sc.TASK_ID]
     if sc.ERROR_TYPE in attrs:
         metadata["error_type"] = attrs[sc.ERROR_TYPE]
-    error = _error(span, attrs)
+    return metadata
+
+
+def tool_invocation_row(span: Any, attrs: dict[str, Any] | None = None) -> dict[str, Any]:
+    if attrs is None:
+        attrs = span_attributes(span)
+    metadata = tool_metadata(attrs, _hex_trace(span), f"{span.context.span_id:016x}")
+    error = span_error(span, attrs)
     duration = attrs.get(sc.TOOL_DURATION_MS)
     success = attrs.get(sc.TOOL_SUCCESS)
     return {
@@ -215,7 +223,7 @@ def execution_final(span: Any, attrs: dict[str, Any] | None = None) -> dict[str,
     return {
         "execution_id": str(attrs[sc.EXECUTION_ID]),
         "created_at_ns": _ts(span.start_time),
-        "status": str(attrs.get(sc.EXECUTION_STATUS, "failed" if _error(span, attrs) else "completed")),
+        "status": str(attrs.get(sc.EXECUTION_STATUS, "failed" if span_error(span, attrs) else "completed")),
         "task": attrs.get(sc.EXECUTION_TASK),
         "max_depth": attrs.get(sc.EXECUTION_MAX_DEPTH),
         "solver_type": attrs.get(sc.EXECUTION_SOLVER_TYPE),
@@ -263,13 +271,22 @@ class Batch:
             pending.clear()
         return self._rows[table]
 
-    def format_rows(self, table: str, line: Callable[[dict[str, Any]], str]) -> list[str]:
+    def format_rows(
+        self,
+        table: str,
+        line: Callable[[dict[str, Any]], str],
+        span_line: Callable[[Any, dict[str, Any]], str] | None = None,
+    ) -> list[str]:
         """Every row of a child table through ``line`` (the COPY formatter), translating pending spans
         without keeping their rows: each row dict dies as soon as it is formatted, so a batch never holds
-        hundreds of live dicts for the garbage collector to promote and later sweep."""
-        build = _BUILDERS[table]
+        hundreds of live dicts for the garbage collector to promote and later sweep. ``span_line``, when
+        given, formats a pending span straight from its attributes, exactly as ``line`` formats its row."""
         lines = [line(row) for row in self._rows[table]]
-        lines.extend([line(build(span, attrs)) for span, attrs in self._spans[table]])
+        if span_line is not None:
+            lines.extend([span_line(span, attrs) for span, attrs in self._spans[table]])
+        else:
+            build = _BUILDERS[table]
+            lines.extend([line(build(span, attrs)) for span, attrs in self._spans[table]])
         return lines
 
     @property
