@@ -354,17 +354,22 @@ class Telemetry:
         self.set_attributes(span, attributes)
         return span
 
-    def start_root_span(self, name: str, attributes: dict[str, Any]) -> tuple[Span, dict[str, Any] | None]:
+    def start_root_span(
+        self, name: str, build: Callable[..., dict[str, Any]], *args: Any
+    ) -> tuple[Span, dict[str, Any] | None]:
         """Start an execution's root span; return it and the attributes still to be written, if any.
 
-        When the sampler cannot read attributes, the root's start attributes are returned instead of
-        written, for ``finish_execution`` to write with the execution's end figures in one go: one
-        write per outermost module call instead of two. Nothing reads an SDK span's attributes before
-        it ends except the sampler and ``on_start`` (which gets none, see ``start_span``).
+        ``build(*args)`` makes the root's start attributes. When the sampler cannot read attributes, the
+        span starts without them and they are built only if it records, and returned instead of
+        written, for ``finish_execution`` to write with the execution's end figures in one go (one
+        write per outermost module call instead of two; nothing reads an SDK span's attributes before
+        it ends except the sampler and ``on_start``, which gets none, see ``start_span``). Otherwise
+        the sampler gets them at the start.
         """
         if not self._attribute_blind:
-            return self.tracer.start_span(name, kind=SpanKind.INTERNAL, attributes=attributes), None
-        return self.tracer.start_span(name, kind=SpanKind.INTERNAL), attributes
+            return self.tracer.start_span(name, kind=SpanKind.INTERNAL, attributes=build(*args)), None
+        span = self.tracer.start_span(name, kind=SpanKind.INTERNAL)
+        return span, build(*args) if span.is_recording() else None
 
     def set_attributes(self, span: Span, attributes: dict[str, Any], plain: bool = False) -> None:
         """``span.set_attributes`` for values roma-otel built, on a span roma-otel started and has not ended.

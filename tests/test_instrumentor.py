@@ -314,6 +314,45 @@ def test_sampled_out_traces_still_count_every_call(make_tel: Any, sampler: Any) 
     assert tel.metric_sum("executions", status="completed") == runs
 
 
+
+def test_a_sampled_out_execution_root_builds_no_attributes(make_tel: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 2 §2: build no attributes for a span that does not record, also for an execution's root."""
+    from roma_otel.instrumentation import executions, modules
+
+    built: list[str] = []
+    real_root, real_execution = modules._root_attributes, executions.execution_attributes
+
+    def count_root(*args: Any) -> dict[str, Any]:
+        built.append("module root")
+        return real_root(*args)
+
+    def count_execution(ctx: Any) -> dict[str, Any]:
+        built.append("execution")
+        return real_execution(ctx)
+
+    monkeypatch.setattr(modules, "_root_attributes", count_root)
+    monkeypatch.setattr(executions, "execution_attributes", count_execution)
+
+    class Outer(dspy.Module):
+        def forward(self, x: int) -> int:
+            return x
+
+    dropped = make_tel(sampler=ParentBased(ALWAYS_OFF))
+    assert Outer()(x=1) == 1  # an implicit execution
+    with roma_otel.execution("explicit"):
+        pass
+    assert built == []
+    assert dropped.metric_sum("executions", status="completed") == 2  # still counted
+    dropped.instrumentor.uninstrument()
+
+    recorded = make_tel()  # the same program, sampled: both roots get their attributes
+    Outer()(x=1)
+    with roma_otel.execution("explicit"):
+        pass
+    assert built == ["module root", "execution"]
+    assert {s.name for s in recorded.spans()} == {"Outer", sc.SPAN_EXECUTION}
+
+
 # --- configuration errors fail at load ---------------------------------------------------------------------
 def test_bad_env_value_fails_at_load_naming_the_variable() -> None:
     with pytest.raises(ConfigError) as info:

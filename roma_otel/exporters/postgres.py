@@ -13,6 +13,7 @@ shutdown flushes within a bounded timeout and spools the rest. Anything dropped 
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import json
 import logging
@@ -551,7 +552,8 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
         if self._conn is None or self._conn.closed:
             import psycopg
 
-            self._conn = psycopg.connect(self.dsn, connect_timeout=5, autocommit=False)
+            # Autocommit: a batch that is one COPY commits by itself; the others open a transaction.
+            self._conn = psycopg.connect(self.dsn, connect_timeout=5, autocommit=True)
         return self._conn
 
     def _write(
@@ -583,14 +585,17 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
         ``payload``: the batch's ``copy_payload``, when it was formatted ahead."""
         conn = self._connection()
         known = self._known_executions
-        with conn.transaction(), conn.cursor() as cur:
-            # Parents first: every row's execution exists before its children arrive (they end first).
-            # The COPY path skips executions this writer already committed (a run writes many batches).
-            first_seen = [row for eid, row in batch.executions.items() if not fast or eid not in known]
+        # Parents first: every row's execution exists before its children arrive (they end first).
+        # The COPY path skips executions this writer already committed (a run writes many batches).
+        first_seen = [row for eid, row in batch.executions.items() if not fast or eid not in known]
+        copies = (payload if payload is not None else copy_payload(batch)) if fast else []
+        # One COPY and nothing else (a run's usual batch, once its execution row exists) is atomic by
+        # itself: no BEGIN and COMMIT round trips around it.
+        alone = fast and not first_seen and not batch.finals and len(copies) == 1
+        with contextlib.nullcontext() if alone else conn.transaction(), conn.cursor() as cur:
             if first_seen:
                 cur.execute(_EXECUTIONS_FIRST_SEEN, (json.dumps(first_seen),))
             if fast:
-                copies = payload if payload is not None else copy_payload(batch)
                 for i, (table, columns, data) in enumerate(copies):
                     with cur.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
                         copy.write(data)

@@ -83,12 +83,14 @@ def finish_execution(
             attrs[sc.EXECUTION_MAX_DEPTH_REACHED] = depth_reached
             if ctx.enriched:
                 attrs.update(execution_attributes(ctx))
-                tel.set_attributes(span, attrs)
-            else:
-                # Figures computed here over the root's start attributes (plain values, the typed config's
-                # version, class names): only the execution and task ids may come from a user's code.
+            if ctx.implicit and not ctx.enriched:
+                # An outermost module call: figures computed here over its root's start attributes (plain
+                # values, the typed config's version, class names); only the execution and task ids may
+                # come from a user's code. Anything else (a goal, a depth) is checked.
                 plain = type(ctx.execution_id) is str and type(attrs.get(sc.TASK_ID, "")) is str
                 tel.set_attributes(span, attrs, plain)
+            else:
+                tel.set_attributes(span, attrs)
         tel.execution_ends.record(failed, duration, cost, span if span is not None else trace.get_current_span())
         # tasks_total counts task-tree nodes; a run with no task scopes has none to count.
         if ctx.has_tasks:
@@ -130,7 +132,7 @@ class execution:
             "execution_id": execution_id,
             "metadata": metadata,
         }
-        self._state: tuple[ExecutionContext, Span | None, Token[Any] | None, object, Telemetry | None] | None = None
+        self._state: tuple[Any, ...] | None = None
 
     # --- context manager ------------------------------------------------------------------------
     def __enter__(self) -> ExecutionContext:
@@ -180,7 +182,7 @@ def _begin(
     config_version: str | None,
     execution_id: str | None,
     metadata: dict[str, Any] | None,
-) -> tuple[ExecutionContext, Span | None, Token[Any] | None, object, Telemetry | None]:
+) -> tuple[ExecutionContext, Span | None, Token[Any] | None, object, Telemetry | None, dict[str, Any] | None]:
     active = _EXECUTION.get()
     if active is not None:
         if active.implicit:
@@ -196,7 +198,7 @@ def _begin(
                     active.enriched = True
             if metadata:
                 active.metadata.update(metadata)
-        return active, None, None, None, None
+        return active, None, None, None, None, None
 
     # Under suppress_instrumentation() the block still gets its ExecutionContext, but no telemetry.
     tel = telemetry.ACTIVE if is_instrumentation_enabled() else None
@@ -212,16 +214,17 @@ def _begin(
     )
     span: Span | None = None
     otel_token: object = None
+    pending: dict[str, Any] | None = None
     # Set before the span starts, so a span processor's on_start finds the execution (see root_started).
     ex_token = _EXECUTION.set(ctx)
     if tel is not None:
         try:
-            span = tel.start_span(sc.SPAN_EXECUTION, SpanKind.INTERNAL, execution_attributes(ctx))
+            span, pending = tel.start_root_span(sc.SPAN_EXECUTION, execution_attributes, ctx)
             otel_token = otel_context.attach(trace.set_span_in_context(span))
         except Exception as exc:
             tel.internal_error("execution.start", exc)
     ctx.root_started = True
-    return ctx, span, ex_token, otel_token, tel
+    return ctx, span, ex_token, otel_token, tel, pending
 
 
 def _end(
@@ -230,6 +233,7 @@ def _end(
     ex_token: Token[Any] | None,
     otel_token: object,
     tel: Telemetry | None,
+    pending: dict[str, Any] | None,
     exc: BaseException | None,
 ) -> None:
     if ex_token is None:  # joined an existing execution: its owner closes it
@@ -237,7 +241,7 @@ def _end(
     failed = exc is not None
     if span is not None and exc is not None:
         mark_error(span, exc)
-    finish_execution(tel, ctx, span, failed)
+    finish_execution(tel, ctx, span, failed, pending)
     if span is not None:
         span.end()
     if otel_token is not None:

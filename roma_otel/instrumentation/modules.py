@@ -19,7 +19,7 @@ from opentelemetry.trace import SpanKind
 
 from roma_otel import semconv as sc
 from roma_otel import telemetry
-from roma_otel.context import _EXECUTION, _TASK, ExecutionContext
+from roma_otel.context import _EXECUTION, _TASK, ExecutionContext, TaskScope
 from roma_otel.instrumentation.executions import execution_attributes, finish_execution, new_id
 from roma_otel.instrumentation.patching import Patcher, all_subclasses, install_subclass_hook
 from roma_otel.telemetry import Telemetry, mark_error
@@ -65,6 +65,16 @@ def current_module_instance() -> Any:
     return frame[0] if frame is not None else None
 
 
+def _root_attributes(ctx: ExecutionContext, own: str, qualname: str, task: TaskScope | None) -> dict[str, Any]:
+    """The start attributes of a module span that is its execution's root."""
+    attrs = execution_attributes(ctx)
+    attrs[sc.MODULE] = own
+    attrs[sc.MODULE_CLASS] = qualname
+    if task is not None and task.task_id is not None:
+        attrs[sc.TASK_ID] = task.task_id
+    return attrs
+
+
 def _enter(tel: Telemetry, instance: Any, parent: ModuleFrame | None) -> tuple[Any, ...]:
     own, qualname, has_role, builtin = class_info(type(instance))
     # LM usage goes to the nearest ROMA role, else to the program's own module rather than to the
@@ -86,12 +96,7 @@ def _enter(tel: Telemetry, instance: Any, parent: ModuleFrame | None) -> tuple[A
     pending = None
     task = _TASK.get()
     if exec_token is not None:
-        attrs = execution_attributes(ctx)
-        attrs[sc.MODULE] = own
-        attrs[sc.MODULE_CLASS] = qualname
-        if task is not None and task.task_id is not None:
-            attrs[sc.TASK_ID] = task.task_id
-        span, pending = tel.start_root_span(type(instance).__name__, attrs)
+        span, pending = tel.start_root_span(type(instance).__name__, _root_attributes, ctx, own, qualname, task)
         otel_token = otel_context.attach(trace.set_span_in_context(span))
         ctx.root_started = True
     elif not tel.skip_span():
