@@ -13,7 +13,6 @@ shutdown flushes within a bounded timeout and spools the rest. Anything dropped 
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
 import json
 import logging
@@ -552,8 +551,7 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
         if self._conn is None or self._conn.closed:
             import psycopg
 
-            # Autocommit: a batch that is one COPY commits by itself; the others open a transaction.
-            self._conn = psycopg.connect(self.dsn, connect_timeout=5, autocommit=True)
+            self._conn = psycopg.connect(self.dsn, connect_timeout=5, autocommit=False)
         return self._conn
 
     def _write(
@@ -589,10 +587,7 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
         # The COPY path skips executions this writer already committed (a run writes many batches).
         first_seen = [row for eid, row in batch.executions.items() if not fast or eid not in known]
         copies = (payload if payload is not None else copy_payload(batch)) if fast else []
-        # One COPY and nothing else (a run's usual batch, once its execution row exists) is atomic by
-        # itself: no BEGIN and COMMIT round trips around it.
-        alone = fast and not first_seen and not batch.finals and len(copies) == 1
-        with contextlib.nullcontext() if alone else conn.transaction(), conn.cursor() as cur:
+        with conn.transaction(), conn.cursor() as cur:
             if first_seen:
                 cur.execute(_EXECUTIONS_FIRST_SEEN, (json.dumps(first_seen),))
             if fast:
