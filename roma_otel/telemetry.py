@@ -16,6 +16,7 @@ import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode
 
@@ -34,6 +35,9 @@ logger = logging.getLogger("roma_otel")
 ACTIVE: Telemetry | None = None
 
 SCOPE = "roma_otel"  # the instrumentation scope of every span and metric roma-otel makes
+
+# Context key under which an execution root's start context carries its ExecutionContext (start_root_span).
+ROOT_EXECUTION_KEY = otel_context.create_key("roma_otel.root_execution")
 
 _SCHEMA_URL = "https://opentelemetry.io/schemas/1.37.0"
 
@@ -301,6 +305,8 @@ class Telemetry:
         self._direct_span_type: type | None = None
         self._direct_max_attributes = 0
         self._probed = False
+        # Set by a span processor that recognises execution roots in on_start (see start_root_span).
+        self.roots_in_context = False
         meter = metrics.get_meter(SCOPE, __version__, meter_provider, schema_url=_SCHEMA_URL)
 
         tm = config.observability.toolkit_metrics
@@ -355,21 +361,29 @@ class Telemetry:
         return span
 
     def start_root_span(
-        self, name: str, build: Callable[..., dict[str, Any]], *args: Any
+        self, name: str, execution: ExecutionContext, build: Callable[..., dict[str, Any]], *args: Any
     ) -> tuple[Span, dict[str, Any] | None]:
-        """Start an execution's root span; return it and the attributes still to be written, if any.
+        """Start ``execution``'s root span; return it and the attributes still to be written, if any.
 
         ``build(*args)`` makes the root's start attributes. When the sampler cannot read attributes, the
         span starts without them and they are built only if it records, and returned instead of
         written, for ``finish_execution`` to write with the execution's end figures in one go (one
         write per outermost module call instead of two; nothing reads an SDK span's attributes before
         it ends except the sampler and ``on_start``, which gets none, see ``start_span``). Otherwise
-        the sampler gets them at the start.
+        the sampler gets them at the start. With ``roots_in_context`` set (by a span processor that
+        must recognise roots in ``on_start``, possibly on another thread), the context the span starts
+        in carries the execution under ``ROOT_EXECUTION_KEY``.
         """
+        context = otel_context.set_value(ROOT_EXECUTION_KEY, execution) if self.roots_in_context else None
         if not self._attribute_blind:
-            return self.tracer.start_span(name, kind=SpanKind.INTERNAL, attributes=build(*args)), None
-        span = self.tracer.start_span(name, kind=SpanKind.INTERNAL)
-        return span, build(*args) if span.is_recording() else None
+            span = self.tracer.start_span(name, context, kind=SpanKind.INTERNAL, attributes=build(*args))
+            return span, None
+        span = self.tracer.start_span(name, context, kind=SpanKind.INTERNAL)
+        try:
+            return span, build(*args) if span.is_recording() else None
+        except BaseException:
+            span.end()  # never leave a started span behind
+            raise
 
     def set_attributes(self, span: Span, attributes: dict[str, Any], plain: bool = False) -> None:
         """``span.set_attributes`` for values roma-otel built, on a span roma-otel started and has not ended.

@@ -353,6 +353,41 @@ def test_a_sampled_out_execution_root_builds_no_attributes(make_tel: Any, monkey
     assert {s.name for s in recorded.spans()} == {"Outer", sc.SPAN_EXECUTION}
 
 
+
+def test_a_root_that_fails_to_start_leaves_no_context_behind(make_tel: Any) -> None:
+    """If starting an execution's root raises inside roma-otel (here another span processor's on_start),
+    the call runs uninstrumented and the next calls start fresh executions: nothing of the failed one
+    stays current."""
+    from opentelemetry.sdk.trace import SpanProcessor
+
+    from roma_otel.context import ExecutionContext
+    from roma_otel.instrumentation.modules import _MODULE
+
+    class FailsOnce(SpanProcessor):
+        failed = False
+
+        def on_start(self, span: Any, parent_context: Any = None) -> None:
+            if not FailsOnce.failed:
+                FailsOnce.failed = True
+                raise RuntimeError("processor bug")
+
+    class Outer(dspy.Module):
+        def forward(self, x: int) -> int:
+            return x
+
+    tel = make_tel()
+    tel.tracer_provider.add_span_processor(FailsOnce())
+    assert Outer()(x=1) == 1
+    assert FailsOnce.failed
+    assert ExecutionContext.get() is None and _MODULE.get() is None
+    assert Outer()(x=2) == 2 and Outer()(x=3) == 3
+    # The SDK raised out of start_span before handing the failed span over: only the later two end.
+    roots = [s for s in tel.spans() if s.name == "Outer"]
+    ids = [s.attributes.get(sc.EXECUTION_ID) for s in roots]
+    assert len(roots) == 2 and all(ids) and len(set(ids)) == 2  # two fresh executions, one each
+    assert all(s.attributes.get(sc.EXECUTION_IMPLICIT) for s in roots)
+
+
 # --- configuration errors fail at load ---------------------------------------------------------------------
 def test_bad_env_value_fails_at_load_naming_the_variable() -> None:
     with pytest.raises(ConfigError) as info:

@@ -922,3 +922,37 @@ def test_tracking_uri_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert resolve_tracking_uri("runs/roma.db") == f"sqlite:///{tmp_path}/runs/roma.db"
     for uri in ("http://127.0.0.1:5000", "sqlite:///x.db", "postgresql://u@h/db", "databricks"):
         assert resolve_tracking_uri(uri) == uri
+
+
+def test_roots_are_found_when_span_processors_run_on_other_threads(tmp_path: Path) -> None:
+    """Under the SDK's ConcurrentMultiSpanProcessor, on_start runs on a pool thread where roma-otel's
+    context variables are not set: the forwarder must still find each execution's root (it reads the
+    root's start context) and write one trace per execution with all of its spans."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.trace import ConcurrentMultiSpanProcessor, TracerProvider
+
+    class Step(dspy.Module):
+        def forward(self, x: int) -> int:
+            return x
+
+    uri = f"sqlite:///{tmp_path / 'concurrent.db'}"
+    provider = TracerProvider(active_span_processor=ConcurrentMultiSpanProcessor(2))
+    instrumentor = roma_otel.RomaInstrumentor()
+    instrumentor.instrument(
+        tracer_provider=provider,
+        meter_provider=MeterProvider(),
+        config=mlflow_config(uri, artifact_location=str(tmp_path / "art")),
+    )
+    try:
+        bridge = instrumentor.mlflow_bridge
+        Step()(x=1)  # an implicit execution: one span
+        with roma_otel.execution("explicit", max_depth=1):
+            Step()(x=2)  # the execution span and this one
+        assert bridge.flush(30)
+        assert bridge.traces_written == 2
+        experiment_id = MlflowClient(uri).get_experiment_by_name("ROMA-DSPy").experiment_id
+        sizes = sorted(len(t.data.spans) for t in traces_of(uri, experiment_id))
+        assert sizes == [1, 2]
+    finally:
+        instrumentor.uninstrument()
+        provider.shutdown()

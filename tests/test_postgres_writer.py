@@ -361,15 +361,24 @@ def test_tool_rows_formatted_straight_from_spans_match_the_row_translation(tel) 
     )
     bare.set_status(Status(StatusCode.ERROR))
     bare.end()
-    spans = [s for s in tel.spans() if classify(s) == TOOL] + [bare]
-    assert len(spans) == 5
+    # Values that are equal as keys but print differently (1, 1.0, True) must not share a cached prefix.
+    odd = []
+    for toolkit in (1, 1.0, True):
+        made = tel.tracer_provider.get_tracer("roma_otel").start_span(
+            "execute_tool odd", attributes={sc.EXECUTION_ID: "e", sc.TOOLKIT_CLASS: toolkit, sc.GEN_AI_TOOL_NAME: "t"}
+        )
+        made.end()
+        odd.append(made)
+    spans = [s for s in tel.spans() if classify(s) == TOOL and s.name != "execute_tool odd"] + [bare] + odd
+    assert len(spans) == 8
     records = [SpanRecord(*snapshot(s)) for s in spans]
     for span in spans + records:
         attrs = span_attributes(span)
         assert _tool_span_line(span, attrs) == _tool_line(tool_invocation_row(span, attrs)), span.name
-    lines = [_tool_span_line(s, span_attributes(s)) for s in spans]
+    lines = [_tool_span_line(s, span_attributes(s)) for s in spans[:5]]
     assert sum("\\N" not in line.split("\t")[8] for line in lines) == 3  # three failures carry an error text
     assert '"task_id":"t-1"' in lines[-2] and "e\\tx\tK\\\\1\t" in lines[-1]
+    assert [_tool_span_line(s, span_attributes(s)).split("\t")[1] for s in odd] == ["1", "1.0", "True"]
 
 
 def test_an_execution_row_deleted_mid_run_is_recreated_and_nothing_is_lost(tel, migrated: str, tmp_path: Path) -> None:

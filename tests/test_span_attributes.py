@@ -153,13 +153,21 @@ def test_ids_from_user_code_that_are_not_strings_still_get_the_sdk_check(make_te
     roma-otel's own: a task id or execution id of another type is still stored as the SDK stores it."""
     import uuid
 
+    import numpy as np
+
     from roma_otel import task
+
+    class Deep(dspy.Module):
+        def forward(self, x: int) -> int:
+            with task("deeper", depth=np.int64(2)):  # type: ignore[arg-type]  # the depth reached comes from here
+                return x
 
     def program() -> None:
         with task("outside any execution", task_id=["t", 7]):  # type: ignore[arg-type]
             Trivial()(x=1)  # an implicit execution whose root carries the task's id
         with execution("explicit", execution_id=uuid.UUID(int=5)):  # type: ignore[arg-type]
             Trivial()(x=2)
+        Deep()(x=3)
 
     direct = make_tel()
     program()

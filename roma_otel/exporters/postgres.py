@@ -170,9 +170,12 @@ def _tool_span_line(span: Any, attrs: dict[str, Any]) -> str:
     key = (attrs[sc.EXECUTION_ID], attrs.get(sc.TOOLKIT_CLASS, ""), attrs.get(sc.GEN_AI_TOOL_NAME, ""))
     prefix = _tool_prefixes.get(key)
     if prefix is None:
-        if len(_tool_prefixes) >= _CACHE_LIMIT:
-            _tool_prefixes.clear()
-        prefix = _tool_prefixes[key] = f"{_esc(str(key[0]))}\t{_esc(str(key[1]))}\t{_esc(str(key[2]))}\t"
+        prefix = f"{_esc(str(key[0]))}\t{_esc(str(key[1]))}\t{_esc(str(key[2]))}\t"
+        # Cached for strings only (what roma-otel writes): 1, 1.0 and True are one key but three texts.
+        if type(key[0]) is str and type(key[1]) is str and type(key[2]) is str:
+            if len(_tool_prefixes) >= _CACHE_LIMIT:
+                _tool_prefixes.clear()
+            _tool_prefixes[key] = prefix
     context = span.context
     trace_id = context.trace_id
     trace_hex = _trace_hex.get(trace_id)

@@ -43,7 +43,8 @@ def execution_attributes(ctx: ExecutionContext) -> dict[str, Any]:
     if ctx.implicit:
         attrs[sc.EXECUTION_IMPLICIT] = True
     if ctx.task is not None:
-        attrs[sc.EXECUTION_TASK] = ctx.task[:_MAX_TASK_TEXT]
+        task = ctx.task if type(ctx.task) is str else str(ctx.task)
+        attrs[sc.EXECUTION_TASK] = task[:_MAX_TASK_TEXT]
     if ctx.max_depth is not None:
         attrs[sc.EXECUTION_MAX_DEPTH] = ctx.max_depth
     if ctx.solver_type is not None:
@@ -85,9 +86,13 @@ def finish_execution(
                 attrs.update(execution_attributes(ctx))
             if ctx.implicit and not ctx.enriched:
                 # An outermost module call: figures computed here over its root's start attributes (plain
-                # values, the typed config's version, class names); only the execution and task ids may
-                # come from a user's code. Anything else (a goal, a depth) is checked.
-                plain = type(ctx.execution_id) is str and type(attrs.get(sc.TASK_ID, "")) is str
+                # values, the typed config's version, class names); the execution and task ids and the
+                # depth reached may come from a user's code. Anything else (a goal) is checked.
+                plain = (
+                    type(ctx.execution_id) is str
+                    and type(attrs.get(sc.TASK_ID, "")) is str
+                    and type(depth_reached) is int  # from task(depth=...)
+                )
                 tel.set_attributes(span, attrs, plain)
             else:
                 tel.set_attributes(span, attrs)
@@ -219,7 +224,7 @@ def _begin(
     ex_token = _EXECUTION.set(ctx)
     if tel is not None:
         try:
-            span, pending = tel.start_root_span(sc.SPAN_EXECUTION, execution_attributes, ctx)
+            span, pending = tel.start_root_span(sc.SPAN_EXECUTION, ctx, execution_attributes, ctx)
             otel_token = otel_context.attach(trace.set_span_in_context(span))
         except Exception as exc:
             tel.internal_error("execution.start", exc)

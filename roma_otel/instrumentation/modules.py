@@ -86,30 +86,42 @@ def _enter(tel: Telemetry, instance: Any, parent: ModuleFrame | None) -> tuple[A
 
     ctx = _EXECUTION.get()
     exec_token = None
-    if ctx is None:
-        # No task text: a solver run inside this call may still supply the goal (see executions._begin).
-        ctx = ExecutionContext(new_id(), implicit=True, config_version=tel.config.config_version)
-        exec_token = _EXECUTION.set(ctx)
-
     span = None
     otel_token = None
     pending = None
-    task = _TASK.get()
-    if exec_token is not None:
-        span, pending = tel.start_root_span(type(instance).__name__, _root_attributes, ctx, own, qualname, task)
-        otel_token = otel_context.attach(trace.set_span_in_context(span))
-        ctx.root_started = True
-    elif not tel.skip_span():
-        attrs = {
-            sc.MODULE: own,
-            sc.MODULE_CLASS: qualname,
-            sc.EXECUTION_ID: ctx.execution_id,
-            sc.TASK_DEPTH: task.depth if task is not None else 0,
-        }
-        if task is not None and task.task_id is not None:
-            attrs[sc.TASK_ID] = task.task_id
-        span = tel.start_span(type(instance).__name__, SpanKind.INTERNAL, attrs)
-        otel_token = otel_context.attach(trace.set_span_in_context(span))
+    try:
+        if ctx is None:
+            # No task text: a solver run inside this call may still supply the goal (see executions._begin).
+            ctx = ExecutionContext(new_id(), implicit=True, config_version=tel.config.config_version)
+            exec_token = _EXECUTION.set(ctx)
+        task = _TASK.get()
+        if exec_token is not None:
+            try:
+                span, pending = tel.start_root_span(
+                    type(instance).__name__, ctx, _root_attributes, ctx, own, qualname, task
+                )
+            finally:
+                ctx.root_started = True  # also when the start failed: no later span is taken for the root
+            otel_token = otel_context.attach(trace.set_span_in_context(span))
+        elif not tel.skip_span():
+            attrs = {
+                sc.MODULE: own,
+                sc.MODULE_CLASS: qualname,
+                sc.EXECUTION_ID: ctx.execution_id,
+                sc.TASK_DEPTH: task.depth if task is not None else 0,
+            }
+            if task is not None and task.task_id is not None:
+                attrs[sc.TASK_ID] = task.task_id
+            span = tel.start_span(type(instance).__name__, SpanKind.INTERNAL, attrs)
+            otel_token = otel_context.attach(trace.set_span_in_context(span))
+    except BaseException:
+        # The call goes on uninstrumented (see the wrappers): leave no context or span of ours behind.
+        if span is not None:
+            span.end()
+        if exec_token is not None:
+            _EXECUTION.reset(exec_token)
+        _MODULE.reset(module_token)
+        raise
     return module_token, exec_token, ctx, span, otel_token, pending
 
 

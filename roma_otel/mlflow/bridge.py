@@ -474,6 +474,7 @@ def start_bridge(config: RomaOtelConfig, tel: Telemetry, tracer_provider: Any, p
         provider = tracer_provider if tracer_provider is not None else trace.get_tracer_provider()
         if hasattr(provider, "add_span_processor"):
             provider.add_span_processor(bridge.forwarder)
+            tel.roots_in_context = True  # the forwarder recognises roots in on_start (see traces.py)
         else:
             logger.warning("roma-otel: observability.mlflow.log_traces needs an SDK TracerProvider; traces are off")
     from roma_otel.instrumentation.optimizers import instrument_optimizers

@@ -13,13 +13,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace as trace_api
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 
 from roma_otel import semconv as sc
 from roma_otel.context import ExecutionContext
 from roma_otel.mlflow.groups import COMPILE, current_scope
-from roma_otel.telemetry import SCOPE
+from roma_otel.telemetry import ROOT_EXECUTION_KEY, SCOPE
 
 __all__ = ["MLflowSpanForwarder", "OtlpTraceSink", "StoreTraceSink", "TraceJob", "mlflow_trace_id", "prepare_spans"]
 
@@ -63,15 +64,21 @@ class TraceJob:
         return mlflow_trace_id(self.spans[-1][0].context.trace_id)
 
 
-def _starting_root(span: Any) -> ExecutionContext | None:
+def _starting_root(span: Any, parent_context: Any) -> ExecutionContext | None:
     """The execution whose root ``span`` is, when ``on_start`` sees an execution's root; else None.
 
-    roma-otel's spans start without attributes (see ``Telemetry.start_span``), so the root is found
-    through the execution that is current while it starts and has not started its root yet.
+    roma-otel's spans start without attributes (see ``Telemetry.start_span``). A root starts in a context
+    that carries its execution (``ROOT_EXECUTION_KEY``: the bridge turns this on), which also reaches
+    an ``on_start`` run on another thread (the SDK's ConcurrentMultiSpanProcessor); failing that, the
+    root is the span that starts while the current execution has not started its root yet.
     """
     scope = span.instrumentation_scope
     if scope is None or scope.name != SCOPE:
         return None
+    if parent_context is not None:
+        marked = otel_context.get_value(ROOT_EXECUTION_KEY, parent_context)
+        if marked is not None:
+            return marked
     ctx = ExecutionContext.get()
     return ctx if ctx is not None and not ctx.root_started else None
 
@@ -109,7 +116,7 @@ class MLflowSpanForwarder(SpanProcessor):
             info = self._tracked.get(parent.span_id) if parent is not None else None
             span_id = span.context.span_id
             if info is None:
-                execution = _starting_root(span)
+                execution = _starting_root(span, parent_context)
                 if execution is None:
                     return
                 scope = current_scope(parent_context)
