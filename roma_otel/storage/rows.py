@@ -140,7 +140,7 @@ def lm_row(span: Any, attrs: dict[str, Any] | None = None) -> dict[str, Any]:
     }
 
 
-def tool_metadata(attrs: dict[str, Any], trace_hex: str, span_hex: str) -> dict[str, Any]:
+def tool_metadata(attrs: dict[str, Any], trace_hex: str, span_hex: str | None) -> dict[str, Any]:
     """A tool invocation row's metadata: the span's ids (the row's idempotency key) and its place in the tree."""
     metadata: dict[str, Any] = {
         "otel_trace_id": trace_hex,
@@ -158,7 +158,7 @@ def tool_metadata(attrs: dict[str, Any], trace_hex: str, span_hex: str) -> dict[
 def tool_invocation_row(span: Any, attrs: dict[str, Any] | None = None) -> dict[str, Any]:
     if attrs is None:
         attrs = span_attributes(span)
-    metadata = tool_metadata(attrs, _hex_trace(span), f"{span.context.span_id:016x}")
+    metadata = tool_metadata(attrs, _hex_trace(span), _hex_span(span.context.span_id))
     error = span_error(span, attrs)
     duration = attrs.get(sc.TOOL_DURATION_MS)
     success = attrs.get(sc.TOOL_SUCCESS)
