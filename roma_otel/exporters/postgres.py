@@ -13,6 +13,7 @@ shutdown flushes within a bounded timeout and spools the rest. Anything dropped 
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import json
 import logging
@@ -299,6 +300,11 @@ class QueueingSpanProcessor(SpanProcessor):
             "flush_timeout": self.flush_timeout,
         }
 
+    @property
+    def queued(self) -> int:
+        """Spans waiting in this process's queue (a backlog that grows means the writer falls behind)."""
+        return len(self._queue)
+
     def on_start(self, span: Any, parent_context: Any = None) -> None:
         return None
 
@@ -313,7 +319,7 @@ class QueueingSpanProcessor(SpanProcessor):
                 self.disposed += 1
             self._queue.append(span)
             full = len(self._queue) >= self.batch_size
-        if full:
+        if full and not self._wake.is_set():  # setting it again would cost every call until the worker runs
             self._wake.set()
         if not self.async_persist and classify(span) == ROOT:
             self.force_flush(int(self.flush_timeout * 1000))
@@ -554,7 +560,7 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
         if self._conn is None or self._conn.closed:
             import psycopg
 
-            self._conn = psycopg.connect(self.dsn, connect_timeout=5, autocommit=False)
+            self._conn = psycopg.connect(self.dsn, connect_timeout=5, autocommit=True)  # see _write_once
         return self._conn
 
     def _write(
@@ -590,7 +596,11 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
         # The COPY path skips executions this writer already committed (a run writes many batches).
         first_seen = [row for eid, row in batch.executions.items() if not fast or eid not in known]
         copies = (payload if payload is not None else copy_payload(batch)) if fast else []
-        with conn.transaction(), conn.cursor() as cur:
+        # One COPY and nothing else (the usual batch: one table's rows, executions already written) is a
+        # transaction by itself in autocommit mode: no BEGIN and COMMIT round trips. Each round trip
+        # costs the writer Python work and, on a thread, a hand-over of the application's GIL.
+        single = fast and len(copies) == 1 and not first_seen and not batch.finals
+        with contextlib.nullcontext() if single else conn.transaction(), conn.cursor() as cur:
             if first_seen:
                 cur.execute(_EXECUTIONS_FIRST_SEEN, (json.dumps(first_seen),))
             if fast:

@@ -21,6 +21,7 @@ answers ``("progress", disposed, written_rows)``, ``("flushed", seq, ok)``, ``("
 from __future__ import annotations
 
 import collections
+import functools
 import gc
 import logging
 import os
@@ -35,6 +36,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on Windows
+    fcntl = None  # type: ignore[assignment]
+
 from opentelemetry.trace import StatusCode
 
 from roma_otel.exporters.postgres import PostgresSpanProcessor, QueueingSpanProcessor
@@ -45,6 +51,9 @@ __all__ = ["PostgresProcessSpanProcessor", "SpanRecord"]
 logger = logging.getLogger("roma_otel")
 
 _HEADER = struct.Struct(">I")
+_FRAME_SPANS = 2000  # at most this many spans per frame to the child (or batch_size, if larger)
+_PIPE_BYTES = 1 << 20  # the pipe to the child, where the system allows (see _widen_pipe)
+_REPORT_INTERVAL = 0.05  # seconds between the child's progress reports while it works through a backlog
 _STATUS = {code.value: code for code in StatusCode}
 
 
@@ -115,6 +124,18 @@ def _write_pickled(stream: IO[bytes], data: bytes) -> None:
     stream.flush()
 
 
+def _widen_pipe(fd: int) -> None:
+    """Let the pipe to the child hold up to ~1 MB (Linux; 64 KB by default): a few frames can wait there
+    while the child is busy with a transaction, so the feeder does not block on each one."""
+    setsize = getattr(fcntl, "F_SETPIPE_SZ", None) if fcntl is not None else None
+    if setsize is None:
+        return
+    try:
+        fcntl.fcntl(fd, setsize, _PIPE_BYTES)
+    except OSError:  # above /proc/sys/fs/pipe-max-size, or not allowed: the default size still works
+        pass
+
+
 def _child_environment() -> dict[str, str]:
     """The parent's environment, minus what would make the child instrument itself."""
     env = dict(os.environ)
@@ -172,6 +193,7 @@ class PostgresProcessSpanProcessor(QueueingSpanProcessor):
             close_fds=True,
         )
         assert proc.stdin is not None and proc.stdout is not None
+        _widen_pipe(proc.stdin.fileno())
         _write_frame(proc.stdin, {"dsn": self.dsn, **self._engine_settings()})
         self._proc = proc
         self._reader = threading.Thread(target=self._read, args=(proc,), name="roma-otel-postgres-replies", daemon=True)
@@ -281,9 +303,13 @@ class PostgresProcessSpanProcessor(QueueingSpanProcessor):
                 return
 
     def _send_queued(self) -> None:
+        # Everything queued goes in one frame (up to a bound): each frame is a pipe write, and every
+        # system call hands the GIL to the application's thread, which keeps it for up to the switch
+        # interval (5 ms) before this thread gets it back. The child still writes batch_size per transaction.
+        most = max(self.batch_size, _FRAME_SPANS)
         while True:
             with self._lock:
-                n = min(self.batch_size, len(self._queue))
+                n = min(most, len(self._queue))
                 if not n:
                     return
                 spans = [self._queue.popleft() for _ in range(n)]
@@ -439,12 +465,18 @@ def _child_main() -> int:
         settings.pop("dsn"), threaded=False, on_drop=lambda n, reason: send(("drop", n, reason)), **settings
     )
     reported = (-1, -1)
+    reported_at = 0.0
 
-    def report() -> None:
-        nonlocal reported
+    def report(force: bool = True) -> None:
+        nonlocal reported, reported_at
         now = (writer.disposed, writer.written_rows)
         if now != reported:
-            reported = now
+            clock = time.monotonic()
+            # Between transactions of a backlog, at most one report per interval: each wakes a thread of
+            # the application (and takes its GIL) only so that it can free sent frames a little sooner.
+            if not force and clock - reported_at < _REPORT_INTERVAL:
+                return
+            reported, reported_at = now, clock
             send(("progress", *now))
 
     def take_arrived() -> None:
@@ -453,7 +485,7 @@ def _child_main() -> int:
             writer.enqueue([SpanRecord(*t) for t in pending.popleft()[1]])
 
     writer.before_prefetch = take_arrived
-    writer.after_transaction = report
+    writer.after_transaction = functools.partial(report, False)
     last_write = time.monotonic()
     while True:
         if not pending:  # wait for more, but no longer than the queued spans may wait to be written
