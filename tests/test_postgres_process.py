@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 
 from roma_otel.exporters.postgres import PostgresSpanProcessor
-from roma_otel.exporters.postgres_process import PostgresProcessSpanProcessor, SpanRecord, _child_environment, snapshot
+from roma_otel.exporters.postgres_process import (
+    _DIRECT_TYPES,
+    _PUBLIC_TYPES,
+    PostgresProcessSpanProcessor,
+    SpanRecord,
+    _child_environment,
+    _public_snapshot,
+    snapshot,
+)
 from roma_otel.storage.rows import classify, span_attributes, tool_invocation_row
 from tests.test_postgres_writer import (  # noqa: F401
     migrated,
@@ -46,6 +54,17 @@ def test_a_span_record_translates_exactly_like_the_span(tel) -> None:
     assert classify(record) == "tool"
     assert span_attributes(record) == dict(tool.attributes)
     assert tool_invocation_row(record) == tool_invocation_row(tool)
+
+
+def test_the_snapshot_reads_the_sdk_span_fields_as_its_properties_give_them(tel) -> None:
+    run_execution()
+    spans = [s for s in tel.spans() if classify(s)]
+    failing = next(s for s in spans if s.status.description)  # the tool that raised: an error and a message
+    for span in spans:
+        assert snapshot(span) == _public_snapshot(span)
+    assert type(failing) in _DIRECT_TYPES and snapshot(failing)[6:8] == (2, failing.status.description)
+    record = SpanRecord(*snapshot(failing))  # no SDK fields behind its attributes: read through them
+    assert snapshot(record) == snapshot(failing) and SpanRecord in _PUBLIC_TYPES
 
 
 def test_killing_the_writer_process_loses_nothing(tel, migrated: str, tmp_path: Path) -> None:  # noqa: F811
@@ -120,3 +139,31 @@ def test_after_shutdown_nothing_more_happens(tel, migrated: str, tmp_path: Path)
     assert writer.force_flush(1_000) and writer.uses_process and not writer._queue
     writer.shutdown()  # idempotent
     assert rows(migrated, "SELECT count(*) FROM lm_traces") == [(2,)]
+
+
+def test_a_burst_in_big_frames_is_written_in_order_across_flushes(tel, migrated: str, tmp_path: Path) -> None:  # noqa: F811
+    """Thousands of spans' worth of frames arrive at once; the child decodes them a few batches at a time,
+    and each flush still covers everything handed over before it (parents before their children)."""
+    waves = [[run_execution(f"wave {w} run {i}") for i in range(8)] for w in range(2)]
+    spans = [s for s in tel.spans() if classify(s)]
+    half = len(spans) // 2
+    cut = next(i for i in range(half, len(spans)) if classify(spans[i - 1]) == "root")  # a wave boundary
+    writer = PostgresProcessSpanProcessor(migrated, spool_dir=tmp_path, batch_size=3, flush_interval=5.0)
+    try:
+        assert writer.force_flush(20_000) and writer.uses_process
+        for span in spans[:cut]:
+            writer.on_end(span)
+        assert writer.force_flush(30_000)
+        done = {r[0] for r in rows(migrated, "SELECT execution_id FROM executions WHERE status = 'completed'")}
+        assert set(waves[0]) <= done and not set(waves[1]) & done
+        assert not writer._unacked  # the child's progress reports (throttled in a backlog) caught up
+        for span in spans[cut:]:
+            writer.on_end(span)
+        assert writer.force_flush(30_000) and writer.uses_process
+    finally:
+        writer.shutdown()
+    done = {r[0] for r in rows(migrated, "SELECT execution_id FROM executions WHERE status = 'completed'")}
+    assert set(waves[0] + waves[1]) <= done
+    assert rows(migrated, "SELECT count(*) FROM lm_traces") == [(32,)]
+    assert rows(migrated, "SELECT count(*) FROM tool_invocation_traces") == [(32,)]
+    assert writer.dropped == 0

@@ -24,6 +24,7 @@ import collections
 import functools
 import gc
 import logging
+import operator
 import os
 import pickle
 import select
@@ -101,7 +102,30 @@ class SpanRecord:
 
 
 def snapshot(span: Any) -> tuple[Any, ...]:
-    """A finished span as plain values (about 1 µs); ``SpanRecord(*snapshot(span))`` reads the same."""
+    """A finished span as plain values; ``SpanRecord(*snapshot(span))`` reads the same.
+
+    The feeder does this for every span. On the SDK's span class it reads the fields behind the
+    properties in one C call (0.4 µs a span instead of 0.6), once a first span of that class has shown
+    that both ways give the same values; any other class is read through its public properties.
+    """
+    kind = type(span)
+    if kind in _DIRECT_TYPES:
+        return _direct_snapshot(span)
+    public = _public_snapshot(span)
+    if kind not in _PUBLIC_TYPES:
+        _probe(kind, span, public)
+    return public
+
+
+def _direct_snapshot(span: Any) -> tuple[Any, ...]:
+    name, context, parent, start, end, status, attributes = _SDK_FIELDS(span)
+    return (
+        name, context.trace_id, context.span_id, parent.span_id if parent is not None else None,
+        start, end, _CODE_VALUES[status.status_code], status.description, attributes._dict,
+    )  # fmt: skip
+
+
+def _public_snapshot(span: Any) -> tuple[Any, ...]:
     parent = span.parent
     status = span.status
     context = span.context
@@ -109,6 +133,21 @@ def snapshot(span: Any) -> tuple[Any, ...]:
         span.name, context.trace_id, context.span_id, parent.span_id if parent is not None else None,
         span.start_time, span.end_time, status.status_code.value, status.description, span_attributes(span),
     )  # fmt: skip
+
+
+_SDK_FIELDS = operator.attrgetter("_name", "_context", "_parent", "_start_time", "_end_time", "_status", "_attributes")
+_CODE_VALUES = {code: code.value for code in StatusCode}
+_DIRECT_TYPES: set[type] = set()  # span classes whose fields snapshot() reads directly
+_PUBLIC_TYPES: set[type] = set()  # span classes read through their properties
+
+
+def _probe(kind: type, span: Any, public: tuple[Any, ...]) -> None:
+    try:
+        direct = _direct_snapshot(span)
+        agrees = direct == public and type(direct[-1]) is dict and direct[-1] is span_attributes(span)
+    except Exception:  # not built like the SDK's span
+        agrees = False
+    (_DIRECT_TYPES if agrees else _PUBLIC_TYPES).add(kind)
 
 
 def _pickle(message: Any) -> bytes:
@@ -392,7 +431,7 @@ class PostgresProcessSpanProcessor(QueueingSpanProcessor):
 
 # --- the child ----------------------------------------------------------------------------------------
 class _FrameReader:
-    """Frames from a pipe without blocking: whatever has arrived, parsed, the rest kept for later."""
+    """Frames from a pipe without blocking: whatever has arrived, split into frames, the rest kept for later."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -403,13 +442,14 @@ class _FrameReader:
         """Every message until the pipe closes (or carries something unreadable), blocking for each."""
         while not self.closed:
             try:
-                batch = self.poll(None)
+                batch = [pickle.loads(frame) for frame in self.poll(None)]
             except Exception:
                 return
             yield from batch
 
-    def poll(self, timeout: float | None) -> list[Any]:
-        """Messages that arrived, waiting up to ``timeout`` seconds (None: for ever) for the first bytes."""
+    def poll(self, timeout: float | None) -> list[bytes]:
+        """The frames (pickled messages) that arrived, waiting up to ``timeout`` seconds (None: for ever)
+        for the first bytes."""
         ready, _, _ = select.select([self.fd], [], [], timeout)
         while ready and not self.closed:
             data = os.read(self.fd, 1 << 20)
@@ -418,17 +458,17 @@ class _FrameReader:
                 break
             self.buffer += data
             ready, _, _ = select.select([self.fd], [], [], 0)
-        messages = []
+        frames = []
         buffer, at = self.buffer, 0
         while len(buffer) - at >= _HEADER.size:
             (size,) = _HEADER.unpack_from(buffer, at)
             end = at + _HEADER.size + size
             if len(buffer) < end:
                 break
-            messages.append(pickle.loads(memoryview(buffer)[at + _HEADER.size : end]))
+            frames.append(bytes(memoryview(buffer)[at + _HEADER.size : end]))
             at = end
         del buffer[:at]
-        return messages
+        return frames
 
 
 def _child_main() -> int:
@@ -449,12 +489,13 @@ def _child_main() -> int:
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     reader = _FrameReader(sys.stdin.fileno())
-    pending: collections.deque[Any] = collections.deque()
-    while not pending and not reader.closed:
-        pending.extend(reader.poll(5.0))
-    if not pending or not isinstance(pending[0], dict):
+    frames: collections.deque[bytes] = collections.deque()  # arrived, not decoded yet
+    pending: collections.deque[Any] = collections.deque()  # decoded, not handled yet (at most one)
+    while not frames and not reader.closed:
+        frames.extend(reader.poll(5.0))
+    settings = pickle.loads(frames.popleft()) if frames else None
+    if not isinstance(settings, dict):
         return 1
-    settings = pending.popleft()
 
     def send(message: Any) -> None:
         _write_frame(out, message)
@@ -464,6 +505,7 @@ def _child_main() -> int:
     writer = PostgresSpanProcessor(
         settings.pop("dsn"), threaded=False, on_drop=lambda n, reason: send(("drop", n, reason)), **settings
     )
+    writer.connect()
     reported = (-1, -1)
     reported_at = 0.0
 
@@ -479,21 +521,37 @@ def _child_main() -> int:
             reported, reported_at = now, clock
             send(("progress", *now))
 
+    def head() -> Any:
+        """The next message to handle, decoded; None when nothing more has arrived."""
+        if not pending and frames:
+            pending.append(pickle.loads(frames.popleft()))
+        return pending[0] if pending else None
+
+    # Spans are decoded only as the writer needs them: enough for its next two transactions. This runs
+    # while Postgres finishes a COPY, and a burst that arrived all at once (thousands of spans) decoded
+    # in one go would keep Postgres waiting for the next transaction.
+    wanted = 2 * writer.batch_size
+
     def take_arrived() -> None:
-        pending.extend(reader.poll(0))
-        while pending and pending[0][0] == "spans":
-            writer.enqueue([SpanRecord(*t) for t in pending.popleft()[1]])
+        frames.extend(reader.poll(0))
+        while len(writer._queue) < wanted:
+            message = head()
+            if message is None or message[0] != "spans":
+                return
+            pending.popleft()
+            writer.enqueue([SpanRecord(*t) for t in message[1]])
 
     writer.before_prefetch = take_arrived
     writer.after_transaction = functools.partial(report, False)
     last_write = time.monotonic()
     while True:
-        if not pending:  # wait for more, but no longer than the queued spans may wait to be written
+        if head() is None:  # wait for more, but no longer than the queued spans may wait to be written
             due = writer.flush_interval - (time.monotonic() - last_write)
-            pending.extend(reader.poll(max(0.0, due) if writer._queue else 1.0))
+            frames.extend(reader.poll(max(0.0, due) if writer._queue else 1.0))
         take_arrived()
-        if pending:  # a control message, in order after the spans before it
-            message = pending.popleft()
+        message = head()
+        if message is not None and message[0] != "spans":  # a control message, after the spans before it
+            pending.popleft()
             if message[0] == "flush":
                 ok = writer.force_flush(int(message[2] * 1000))
                 report()
@@ -504,7 +562,7 @@ def _child_main() -> int:
                 report()
                 send(("stopped",))
                 return 0
-        if reader.closed and not pending:  # the application is gone: write what we have, spool the rest
+        if reader.closed and head() is None:  # the application is gone: write what we have, spool the rest
             writer.shutdown()
             return 0
         now = time.monotonic()
