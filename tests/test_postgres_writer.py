@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -379,6 +380,24 @@ def test_tool_rows_formatted_straight_from_spans_match_the_row_translation(tel) 
     assert sum("\\N" not in line.split("\t")[8] for line in lines) == 3  # three failures carry an error text
     assert '"task_id":"t-1"' in lines[-2] and "e\\tx\tK\\\\1\t" in lines[-1]
     assert [_tool_span_line(s, span_attributes(s)).split("\t")[1] for s in odd] == ["1", "1.0", "True"]
+    # Metadata text is cached per (module, depth) around the ids: modules that need escaping, one named
+    # like the cache's marks, non-str modules, bool and int depths, and the same key twice (a cache hit).
+    modules = ['mod "q"\tx\\y', 'mod "q"\tx\\y', "@@roma-otel-trace@@", 5, None, "plain", "plain"]
+    depths = [2, 2, 0, 1, 3, True, 1]
+    made = []
+    for module, depth in zip(modules, depths, strict=True):
+        attributes = {sc.EXECUTION_ID: "e", sc.TOOLKIT_CLASS: "K", sc.GEN_AI_TOOL_NAME: "t", sc.TASK_DEPTH: depth}
+        if module is not None:
+            attributes[sc.MODULE] = module
+        span = tel.tracer_provider.get_tracer("roma_otel").start_span("execute_tool meta", attributes=attributes)
+        span.end()
+        made.append(span)
+    for span in made + [SpanRecord(*snapshot(s)) for s in made]:
+        attrs = span_attributes(span)
+        assert _tool_span_line(span, attrs) == _tool_line(tool_invocation_row(span, attrs)), attrs
+    metadata = [json.loads(_tool_span_line(s, span_attributes(s)).split("\t")[9].replace("\\\\", "\\")) for s in made]
+    assert [(m.get("module"), m["depth"]) for m in metadata] == list(zip(modules, depths, strict=True))
+    assert len({m["span_id"] for m in metadata}) == len(made)  # each row its own ids, cache hit or not
 
 
 def test_an_execution_row_deleted_mid_run_is_recreated_and_nothing_is_lost(tel, migrated: str, tmp_path: Path) -> None:

@@ -184,7 +184,7 @@ def _tool_span_line(span: Any, attrs: dict[str, Any]) -> str:
         if len(_trace_hex) >= _CACHE_LIMIT:
             _trace_hex.clear()
         trace_hex = _trace_hex[trace_id] = f"{trace_id:032x}"
-    metadata = tool_metadata(attrs, trace_hex, f"{context.span_id:016x}")
+    metadata = _tool_metadata_text(attrs, trace_hex, f"{context.span_id:016x}")
     error = span_error(span, attrs)
     duration = attrs.get(sc.TOOL_DURATION_MS)
     start = span.start_time or 0
@@ -193,8 +193,35 @@ def _tool_span_line(span: Any, attrs: dict[str, Any]) -> str:
     ok = bool(success) if success is not None else error is None
     return (
         f"{prefix}{_ts(start)}\t{duration_ms!r}\t{int(attrs.get(sc.TOOL_INPUT_SIZE, 0))}\t"
-        f"{int(attrs.get(sc.TOOL_OUTPUT_SIZE, 0))}\t{'t' if ok else 'f'}\t{_t(error)}\t{_j(metadata)}"
+        f"{int(attrs.get(sc.TOOL_OUTPUT_SIZE, 0))}\t{'t' if ok else 'f'}\t{_t(error)}\t{metadata}"
     )
+
+
+# (module, depth) -> a tool row's metadata text (JSON, COPY-escaped) before, between and after its two ids.
+_metadata_parts: dict[tuple[str | None, int], tuple[str, str, str]] = {}
+_TRACE_MARK, _SPAN_MARK = "@@roma-otel-trace@@", "@@roma-otel-span@@"  # text that neither JSON nor COPY escapes
+
+
+def _tool_metadata_text(attrs: dict[str, Any], trace_hex: str, span_hex: str) -> str:
+    """``_j(tool_metadata(attrs, trace_hex, span_hex))``. For the usual row (no task id, no error) the
+    encoder's own text around the two ids is made once per (module, depth) and joined with them: the
+    ids are hex digits, which neither JSON nor COPY escapes."""
+    if sc.TASK_ID not in attrs and sc.ERROR_TYPE not in attrs:
+        module = attrs.get(sc.MODULE)
+        depth = attrs.get(sc.TASK_DEPTH, 0)
+        if (module is None or type(module) is str) and type(depth) is int:
+            parts = _metadata_parts.get((module, depth))
+            if parts is None:
+                sample = _j(tool_metadata(attrs, _TRACE_MARK, _SPAN_MARK))
+                if sample.count(_TRACE_MARK) != 1 or sample.count(_SPAN_MARK) != 1:  # a module named like a mark
+                    return _j(tool_metadata(attrs, trace_hex, span_hex))
+                head, rest = sample.split(_TRACE_MARK)
+                mid, tail = rest.split(_SPAN_MARK)
+                if len(_metadata_parts) >= _CACHE_LIMIT:
+                    _metadata_parts.clear()
+                parts = _metadata_parts[(module, depth)] = (head, mid, tail)
+            return f"{parts[0]}{trace_hex}{parts[1]}{span_hex}{parts[2]}"
+    return _j(tool_metadata(attrs, trace_hex, span_hex))
 
 
 def _toolkit_line(r: dict[str, Any]) -> str:

@@ -75,10 +75,22 @@ class _Status:
         self.description = description
 
 
-class SpanRecord:
-    """The parts of a finished span the row translation reads (``storage.rows``), rebuilt from a tuple."""
+# A status without a description (every span that did not fail): one shared, read-only object per code.
+_PLAIN_STATUS = {code: _Status(code, None) for code in _STATUS}
 
-    __slots__ = ("attributes", "context", "end_time", "name", "parent", "start_time", "status")
+
+class SpanRecord:
+    """The parts of a finished span the row translation reads (``storage.rows``), rebuilt from a tuple.
+
+    ``context`` is the record itself (it has the ``trace_id`` and ``span_id`` a SpanContext has), and
+    ``parent`` and ``status`` are made when read: the writer process builds one record per span, and
+    three objects each cost more than the properties.
+    """
+
+    __slots__ = (
+        "attributes", "end_time", "name", "parent_span_id", "span_id", "start_time", "status_code",
+        "status_description", "trace_id",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -93,12 +105,28 @@ class SpanRecord:
         attributes: dict[str, Any],
     ) -> None:
         self.name = name
-        self.context = _Ids(trace_id, span_id)
-        self.parent = None if parent_span_id is None else _Ids(trace_id, parent_span_id)
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.parent_span_id = parent_span_id
         self.start_time = start_time
         self.end_time = end_time
-        self.status = _Status(status_code, status_description)
+        self.status_code = status_code
+        self.status_description = status_description
         self.attributes = attributes
+
+    @property
+    def context(self) -> SpanRecord:
+        return self
+
+    @property
+    def parent(self) -> _Ids | None:
+        return None if self.parent_span_id is None else _Ids(self.trace_id, self.parent_span_id)
+
+    @property
+    def status(self) -> _Status:
+        if self.status_description is None:
+            return _PLAIN_STATUS[self.status_code]
+        return _Status(self.status_code, self.status_description)
 
 
 def snapshot(span: Any) -> tuple[Any, ...]:
