@@ -243,9 +243,10 @@ class PostgresConfig(_Section):
     pool_min_size: int = _leaf(1, "int", 0)
     pool_max_size: int = _leaf(10, "int", 0)
     # Translate and write rows in a child process (no GIL shared with the application) instead of on a
-    # thread of the application's process. Off by default: side by side, the thread writer ingests faster
-    # and costs the application's calls no more (BENCHMARKS.md, the Postgres writer).
-    writer_process: bool = _leaf(False, "bool")
+    # thread of the application's process. On by default: a thread writer needs the application's GIL for
+    # every system call of every transaction, so it falls behind a busy application and costs it more CPU
+    # per call (BENCHMARKS.md, the Postgres writer); it ingests a bulk load faster.
+    writer_process: bool = _leaf(True, "bool")
 
     def _check_related(self, name: str, value: Any) -> None:
         # Read __dict__, not getattr: during __init__ getattr would see the class-level default of a bound

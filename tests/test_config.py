@@ -505,6 +505,6 @@ def test_to_dict_round_trip(tmp_path: Path) -> None:
         "connection_url": "pg://x",
         "pool_min_size": 1,
         "pool_max_size": 10,
-        "writer_process": False,
+        "writer_process": True,
     }
     assert config_from_dict(json.loads(json.dumps(data))) == cfg
