@@ -297,6 +297,7 @@ class QueueingSpanProcessor(SpanProcessor):
     ) -> None:
         self.dsn = dsn
         self.batch_size = max(1, batch_size)
+        self._wake_at = self.batch_size  # queued spans that wake the worker before flush_interval is up
         self.flush_interval = flush_interval
         self.max_queue_size = max_queue_size
         self.spool_dir = Path(spool_dir) if spool_dir is not None else default_spool_dir()
@@ -345,7 +346,7 @@ class QueueingSpanProcessor(SpanProcessor):
                 self._count_drop(1, "queue full")
                 self.disposed += 1
             self._queue.append(span)
-            full = len(self._queue) >= self.batch_size
+            full = len(self._queue) >= self._wake_at
         if full and not self._wake.is_set():  # setting it again would cost every call until the worker runs
             self._wake.set()
         if not self.async_persist and classify(span) == ROOT:

@@ -226,6 +226,10 @@ class PostgresProcessSpanProcessor(QueueingSpanProcessor):
 
     def __init__(self, dsn: str, **settings: Any) -> None:
         super().__init__(dsn, **settings)
+        # The feeder wakes for a frame's worth of spans (or flush_interval), not for every batch_size:
+        # each wake-up takes the GIL from the application, and the child writes batch_size per
+        # transaction whatever the frame size.
+        self._wake_at = max(self.batch_size, _FRAME_SPANS // 2)
         # Batches sent and not yet reported disposed of by the child: (cumulative count at the end, the
         # pickled frame). Kept as bytes, which the garbage collector does not track.
         self._unacked: collections.deque[tuple[int, bytes]] = collections.deque()
@@ -575,7 +579,11 @@ def _child_main() -> int:
     while True:
         if head() is None:  # wait for more, but no longer than the queued spans may wait to be written
             due = writer.flush_interval - (time.monotonic() - last_write)
-            frames.extend(reader.poll(max(0.0, due) if writer._queue else 1.0))
+            timeout = max(0.0, due) if writer._queue else 1.0
+            if (writer.disposed, writer.written_rows) != reported:  # a throttled report is still to go out
+                timeout = min(timeout, _REPORT_INTERVAL)
+            frames.extend(reader.poll(timeout))
+            report(False)
         take_arrived()
         message = head()
         if message is not None and message[0] != "spans":  # a control message, after the spans before it
@@ -597,7 +605,7 @@ def _child_main() -> int:
         if writer._queue and (len(writer._queue) >= writer.batch_size or now - last_write >= writer.flush_interval):
             writer.drain()
             last_write = time.monotonic()
-            report()
+            report(False)
 
 
 if __name__ == "__main__":
