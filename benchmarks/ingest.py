@@ -151,7 +151,8 @@ def app_overhead(dsn: str, calls: int, rounds: int) -> dict[str, dict[str, float
     """Per configuration, interleaved round by round, medians of:
 
     - ``wall``: µs per instrumented tool call on the application thread, during the loop;
-    - ``backlog``: the loop's spans still queued in the application when the loop ends;
+    - ``backlog``: the loop's spans still queued in the application when the loop ends (in the writer
+      process's case, not counting what its child has received and not written yet);
     - ``cpu``: CPU µs per call of the whole application process (every thread: the loop, the SDK's
       export thread, the writer thread or the feeder), from the loop's start until the writer has
       taken every span of the loop (``force_flush``). A writer that falls behind costs the loop less
@@ -198,6 +199,7 @@ def app_overhead(dsn: str, calls: int, rounds: int) -> dict[str, dict[str, float
                     metrics["backlog"][name].append(writer.queued if writer is not None else 0)
                     if writer is not None:
                         assert writer.force_flush(120_000)
+                    provider.force_flush()  # the SDK's export thread's share, in every configuration alike
                     metrics["cpu"][name].append((time.process_time() - cpu_start) / calls * 1e6)
                     reader.get_metrics_data()
             finally:

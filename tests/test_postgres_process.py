@@ -5,6 +5,7 @@ instruments itself."""
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import time
 from pathlib import Path
@@ -167,3 +168,99 @@ def test_a_burst_in_big_frames_is_written_in_order_across_flushes(tel, migrated:
     assert rows(migrated, "SELECT count(*) FROM lm_traces") == [(32,)]
     assert rows(migrated, "SELECT count(*) FROM tool_invocation_traces") == [(32,)]
     assert writer.dropped == 0
+
+
+def test_a_slow_database_keeps_the_childs_backlog_bounded(tel, migrated: str, tmp_path: Path) -> None:  # noqa: F811
+    """When Postgres takes rows slower than they come, the child holds no more than max_queue_size spans
+    (plus a frame) and counts what it drops; a shutdown still ends within its timeout, spooling the rest."""
+    import psycopg
+
+    for i in range(40):
+        run_execution(f"run {i}")
+    spans = [s for s in tel.spans() if classify(s)]
+    with psycopg.connect(migrated, autocommit=True) as conn:  # every statement on the table takes 50 ms
+        conn.execute(
+            "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.05); "
+            "RETURN NULL; END $$"
+        )
+        conn.execute("CREATE TRIGGER slow AFTER INSERT ON lm_traces FOR EACH STATEMENT EXECUTE FUNCTION slow()")
+    writer = PostgresProcessSpanProcessor(
+        migrated, spool_dir=tmp_path, batch_size=2, max_queue_size=60, flush_interval=0.05, flush_timeout=2
+    )
+    assert writer._wake_at == 30  # the feeder wakes before its own queue could overflow
+    try:
+        assert writer.force_flush(20_000) and writer.uses_process
+        sent = spans * 10  # the same spans again and again: the backlog is what matters here
+        for at in range(0, len(sent), 20):  # slowly enough that this process's own queue never fills
+            for span in sent[at : at + 20]:
+                writer.on_end(span)
+            time.sleep(0.01)
+        deadline = time.monotonic() + 10
+        while writer.dropped == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert writer.dropped > 0  # counted, from the child's "drop" reports
+        time.sleep(0.5)  # the child has read what is in the pipe by now (it reads between transactions)
+        with writer._lock:  # sent and not reported done: in the child, or still in the pipe
+            unacked = sum(len(pickle.loads(frame)[1]) for _, frame in writer._unacked)
+        assert unacked <= 2 * 60 + 100, unacked  # its queue, as much undecoded, a little in the pipe
+        started = time.monotonic()
+    finally:
+        writer.shutdown()
+    assert time.monotonic() - started < 20
+    assert writer._proc.returncode == 0 and writer.uses_process  # the child stopped by itself, in time
+
+
+def test_a_forked_child_does_not_connect_until_it_writes(tmp_path: Path) -> None:
+    """The writer connects as it starts, but a forked child of the application (a worker pool, a
+    pre-forking server) only when it has something to write; after shutdown, a fork starts nothing."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    accepted: list[int] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(1)
+            conn.close()
+
+    threading.Thread(target=accept, daemon=True).start()
+    dsn = f"postgresql://nobody@127.0.0.1:{listener.getsockname()[1]}/none?connect_timeout=2"
+    writer = PostgresSpanProcessor(dsn, spool_dir=tmp_path / "thread", flush_timeout=1)
+    process_writer = PostgresProcessSpanProcessor(dsn, spool_dir=tmp_path / "process", flush_timeout=1)
+    try:
+        deadline = time.monotonic() + 10
+        while len(accepted) < 2 and time.monotonic() < deadline:  # this writer's thread and the child
+            time.sleep(0.02)
+        assert len(accepted) == 2
+        pid = os.fork()
+        if pid == 0:  # the forked child: both writers come back, neither connects
+            time.sleep(0.5)
+            os._exit(0)
+        assert os.waitpid(pid, 0)[1] == 0
+        time.sleep(0.2)
+        assert len(accepted) == 2
+    finally:
+        writer.shutdown()
+        process_writer.shutdown()
+        listener.close()
+
+
+def test_snapshot_falls_back_per_span_when_attributes_are_not_the_sdks(tel) -> None:
+    from opentelemetry.attributes import BoundedAttributes
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.trace import SpanContext
+
+    context = SpanContext(1, 2, is_remote=False)
+    bounded = BoundedAttributes(attributes={"k": 1})
+    first = ReadableSpan("a", context=context, attributes=bounded, start_time=1, end_time=2)
+    assert snapshot(first) == _public_snapshot(first) and type(first) in _DIRECT_TYPES
+    for attributes in ({"k": 2}, None):  # the same class, built with a plain dict or no attributes
+        span = ReadableSpan("b", context=context, attributes=attributes, start_time=1, end_time=2)  # type: ignore[arg-type]
+        assert snapshot(span) == _public_snapshot(span)

@@ -384,8 +384,9 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
     ``flush_timeout``), as the seed's ``async_persist: false`` asks.
     """
 
-    def __init__(self, dsn: str, *, threaded: bool = True, **settings: Any) -> None:
-        """``threaded=False``: no worker thread; the owner calls ``drain()`` (the writer process does)."""
+    def __init__(self, dsn: str, *, threaded: bool = True, connect_early: bool = True, **settings: Any) -> None:
+        """``threaded=False``: no worker thread; the owner calls ``drain()`` (the writer process does).
+        ``connect_early``: the worker connects as it starts, not at its first batch."""
         super().__init__(dsn, **settings)
         self._nodes: dict[str, list[dict[str, Any]]] = {}
         self._conn: Any = None
@@ -401,9 +402,18 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
         self._worker: threading.Thread | None = None
         self.before_prefetch: Callable[[], None] | None = None  # runs while Postgres finishes a COPY
         self.after_transaction: Callable[[], None] | None = None
+        self._connect_early = connect_early
         self._init_threading()
         if threaded:
-            os.register_at_fork(after_in_child=self._init_threading)
+            os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self) -> None:
+        # A forked child gets a worker of its own, unless this writer was shut down; it connects at its
+        # first batch only: a child may never write, and must not hold a connection just for existing.
+        if self._shutdown:
+            return
+        self._connect_early = False
+        self._init_threading()
 
     def _init_threading(self) -> None:
         self._lock = threading.Lock()
@@ -427,7 +437,8 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
         try:
             self._connection()
             return True
-        except Exception:
+        except Exception as exc:
+            self._failed(exc)  # the first write waits for the backoff instead of another connect timeout
             return False
 
     # --- SpanProcessor ------------------------------------------------------------------------------
@@ -490,7 +501,8 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
     def _run(self) -> None:
         # The worker's own queries must never be traced (a traced database driver would loop back here).
         otel_context.attach(otel_context.set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
-        self.connect()
+        if self._connect_early:
+            self.connect()
         while not self._shutdown:
             self._wake.wait(self.flush_interval)
             self._wake.clear()

@@ -42,6 +42,7 @@ try:
 except ImportError:  # pragma: no cover - not on Windows
     fcntl = None  # type: ignore[assignment]
 
+from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.trace import StatusCode
 
 from roma_otel.exporters.postgres import PostgresSpanProcessor, QueueingSpanProcessor
@@ -51,7 +52,7 @@ __all__ = ["PostgresProcessSpanProcessor", "SpanRecord"]
 
 logger = logging.getLogger("roma_otel")
 
-_HEADER = struct.Struct(">I")
+_HEADER = struct.Struct(">II")  # the pickle's length, and how many spans it carries (0: any other message)
 _FRAME_SPANS = 2000  # at most this many spans per frame to the child (or batch_size, if larger)
 _PIPE_BYTES = 1 << 20  # the pipe to the child, where the system allows (see _widen_pipe)
 _REPORT_INTERVAL = 0.05  # seconds between the child's progress reports while it works through a backlog
@@ -147,6 +148,8 @@ def snapshot(span: Any) -> tuple[Any, ...]:
 
 def _direct_snapshot(span: Any) -> tuple[Any, ...]:
     name, context, parent, start, end, status, attributes = _SDK_FIELDS(span)
+    if type(attributes) is not BoundedAttributes:  # a ReadableSpan built with a dict or None: read it the public way
+        return _public_snapshot(span)
     return (
         name, context.trace_id, context.span_id, parent.span_id if parent is not None else None,
         start, end, _CODE_VALUES[status.status_code], status.description, attributes._dict,
@@ -186,8 +189,8 @@ def _write_frame(stream: IO[bytes], message: Any) -> None:
     _write_pickled(stream, _pickle(message))
 
 
-def _write_pickled(stream: IO[bytes], data: bytes) -> None:
-    stream.write(_HEADER.pack(len(data)) + data)
+def _write_pickled(stream: IO[bytes], data: bytes, spans: int = 0) -> None:
+    stream.write(_HEADER.pack(len(data), spans) + data)
     stream.flush()
 
 
@@ -229,7 +232,7 @@ class PostgresProcessSpanProcessor(QueueingSpanProcessor):
         # The feeder wakes for a frame's worth of spans (or flush_interval), not for every batch_size:
         # each wake-up takes the GIL from the application, and the child writes batch_size per
         # transaction whatever the frame size.
-        self._wake_at = max(self.batch_size, _FRAME_SPANS // 2)
+        self._wake_at = min(max(self.batch_size, _FRAME_SPANS // 2), max(1, self.max_queue_size // 2))
         # Batches sent and not yet reported disposed of by the child: (cumulative count at the end, the
         # pickled frame). Kept as bytes, which the garbage collector does not track.
         self._unacked: collections.deque[tuple[int, bytes]] = collections.deque()
@@ -240,6 +243,7 @@ class PostgresProcessSpanProcessor(QueueingSpanProcessor):
         self._flush_seq = 0
         self._sending = 0
         self._stopped = False
+        self._snapshot_error_logged = False
         self._fallback: PostgresSpanProcessor | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
@@ -273,6 +277,8 @@ class PostgresProcessSpanProcessor(QueueingSpanProcessor):
     def _after_fork(self) -> None:
         # A forked child of the application must not share this process's pipe: it gets its own writer,
         # in-process, and none of the parent's queued spans (the parent writes those).
+        if self._shutdown:
+            return
         self._queue = collections.deque()
         self._unacked = collections.deque()
         self._lock = threading.Lock()
@@ -280,7 +286,7 @@ class PostgresProcessSpanProcessor(QueueingSpanProcessor):
         self._state = threading.Condition(threading.Lock())
         self._wake = threading.Event()
         self._proc = None
-        self._fallback = self._new_fallback()
+        self._fallback = self._new_fallback(connect_early=False)
         self._feeder = threading.Thread(target=self._feed, name="roma-otel-postgres-feeder", daemon=True)
         self._feeder.start()
 
@@ -288,8 +294,10 @@ class PostgresProcessSpanProcessor(QueueingSpanProcessor):
         """Settings for the engine doing the writing (the child's or the fallback)."""
         return {**self.settings(), "async_persist": True}  # synchronous flushes are driven from here
 
-    def _new_fallback(self) -> PostgresSpanProcessor:
-        return PostgresSpanProcessor(self.dsn, on_drop=self._on_drop, **self._engine_settings())
+    def _new_fallback(self, connect_early: bool = True) -> PostgresSpanProcessor:
+        return PostgresSpanProcessor(
+            self.dsn, on_drop=self._on_drop, connect_early=connect_early, **self._engine_settings()
+        )
 
     def _take_unacked(self) -> list[SpanRecord]:
         """Everything sent that the child has not reported done, as records (call with ``_lock`` held)."""
@@ -386,21 +394,36 @@ class PostgresProcessSpanProcessor(QueueingSpanProcessor):
                 spans = [self._queue.popleft() for _ in range(n)]
                 self._sending += n
             try:
-                frame = _pickle(("spans", [snapshot(s) for s in spans])) if self._fallback is None else None
+                records = self._snapshots(spans) if self._fallback is None else []
+                frame = _pickle(("spans", records)) if records else None
                 with self._lock:
                     fallback = self._fallback
                     if fallback is None and frame is not None:
-                        self._sent += n
+                        self._sent += len(records)
                         self._unacked.append((self._sent, frame))
                 if fallback is not None:
                     fallback.enqueue(spans)
                     continue
-                # On a broken pipe, _use_fallback hands this batch to the in-process writer with the others.
-                self._send_pickled(frame)  # type: ignore[arg-type]
+                if frame is not None:
+                    # On a broken pipe, _use_fallback hands this frame to the in-process writer with the others.
+                    self._send_pickled(frame, len(records))
             finally:
                 with self._state:
                     self._sending -= n
                     self._state.notify_all()
+
+    def _snapshots(self, spans: list[Any]) -> list[tuple[Any, ...]]:
+        """The spans as plain tuples; one that cannot be read is counted as dropped, not the whole frame."""
+        records = []
+        for span in spans:
+            try:
+                records.append(snapshot(span))
+            except Exception as exc:
+                self._count_drop(1, "unreadable span")
+                if not self._snapshot_error_logged:
+                    self._snapshot_error_logged = True
+                    logger.warning("roma-otel: cannot copy a span for the writer process: %r", exc, exc_info=exc)
+        return records
 
     def _drain_queue(self, deadline: float) -> bool:
         """Wait until the feeder has handed everything queued to the child (or the fallback)."""
@@ -409,14 +432,14 @@ class PostgresProcessSpanProcessor(QueueingSpanProcessor):
     def _send(self, message: Any) -> bool:
         return self._send_pickled(_pickle(message))
 
-    def _send_pickled(self, data: bytes) -> bool:
+    def _send_pickled(self, data: bytes, spans: int = 0) -> bool:
         proc = self._proc
         if proc is None or proc.stdin is None:
             self._use_fallback("no writer process")
             return False
         try:
             with self._send_lock:
-                _write_pickled(proc.stdin, data)
+                _write_pickled(proc.stdin, data, spans)
             return True
         except (OSError, ValueError) as exc:  # broken pipe: the child is gone
             self._use_fallback(f"the writer process went away ({exc!r})")
@@ -474,14 +497,14 @@ class _FrameReader:
         """Every message until the pipe closes (or carries something unreadable), blocking for each."""
         while not self.closed:
             try:
-                batch = [pickle.loads(frame) for frame in self.poll(None)]
+                batch = [pickle.loads(frame) for _, frame in self.poll(None)]
             except Exception:
                 return
             yield from batch
 
-    def poll(self, timeout: float | None) -> list[bytes]:
-        """The frames (pickled messages) that arrived, waiting up to ``timeout`` seconds (None: for ever)
-        for the first bytes."""
+    def poll(self, timeout: float | None) -> list[tuple[int, bytes]]:
+        """The frames that arrived, as (spans carried, pickled message), waiting up to ``timeout`` seconds
+        (None: for ever) for the first bytes."""
         ready, _, _ = select.select([self.fd], [], [], timeout)
         while ready and not self.closed:
             data = os.read(self.fd, 1 << 20)
@@ -493,14 +516,47 @@ class _FrameReader:
         frames = []
         buffer, at = self.buffer, 0
         while len(buffer) - at >= _HEADER.size:
-            (size,) = _HEADER.unpack_from(buffer, at)
+            size, spans = _HEADER.unpack_from(buffer, at)
             end = at + _HEADER.size + size
             if len(buffer) < end:
                 break
-            frames.append(bytes(memoryview(buffer)[at + _HEADER.size : end]))
+            frames.append((spans, bytes(memoryview(buffer)[at + _HEADER.size : end])))
             at = end
         del buffer[:at]
         return frames
+
+
+class _Inbox:
+    """The child's messages from the application, in order. Frames stay pickled until they are needed;
+    their headers say how many spans each carries, so the backlog and any flush or stop waiting behind
+    it are known without decoding."""
+
+    def __init__(self, reader: _FrameReader) -> None:
+        self.reader = reader
+        self.frames: collections.deque[tuple[int, bytes]] = collections.deque()
+        self.decoded: Any = None  # the next message, once head() has decoded it
+        self.spans = 0  # spans in frames not decoded yet
+        self.controls = 0  # messages other than spans, decoded or not, not handled yet
+
+    def receive(self, timeout: float | None) -> None:
+        for spans, data in self.reader.poll(timeout):
+            self.frames.append((spans, data))
+            self.spans += spans
+            self.controls += spans == 0
+
+    def head(self) -> Any:
+        """The next message, decoded; None when nothing more has arrived."""
+        if self.decoded is None and self.frames:
+            spans, data = self.frames.popleft()
+            self.spans -= spans
+            self.decoded = pickle.loads(data)
+        return self.decoded
+
+    def pop(self) -> Any:
+        message, self.decoded = self.head(), None
+        if not (isinstance(message, tuple) and message[0] == "spans"):
+            self.controls -= 1
+        return message
 
 
 def _child_main() -> int:
@@ -521,11 +577,10 @@ def _child_main() -> int:
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     reader = _FrameReader(sys.stdin.fileno())
-    frames: collections.deque[bytes] = collections.deque()  # arrived, not decoded yet
-    pending: collections.deque[Any] = collections.deque()  # decoded, not handled yet (at most one)
-    while not frames and not reader.closed:
-        frames.extend(reader.poll(5.0))
-    settings = pickle.loads(frames.popleft()) if frames else None
+    inbox = _Inbox(reader)
+    while inbox.head() is None and not reader.closed:
+        inbox.receive(5.0)
+    settings = inbox.pop() if inbox.head() is not None else None
     if not isinstance(settings, dict):
         return 1
 
@@ -553,41 +608,37 @@ def _child_main() -> int:
             reported, reported_at = now, clock
             send(("progress", *now))
 
-    def head() -> Any:
-        """The next message to handle, decoded; None when nothing more has arrived."""
-        if not pending and frames:
-            pending.append(pickle.loads(frames.popleft()))
-        return pending[0] if pending else None
-
-    # Spans are decoded only as the writer needs them: enough for its next two transactions. This runs
-    # while Postgres finishes a COPY, and a burst that arrived all at once (thousands of spans) decoded
-    # in one go would keep Postgres waiting for the next transaction.
+    # Spans are decoded as the writer needs them: enough for its next two transactions (this runs while
+    # Postgres finishes a COPY, and decoding a burst of thousands in one go would keep Postgres waiting),
+    # all of them before a flush or stop that waits behind them, and never more left undecoded than the
+    # writer's queue may hold (enqueue drops the oldest past max_queue_size, and counts them).
     wanted = 2 * writer.batch_size
 
     def take_arrived() -> None:
-        frames.extend(reader.poll(0))
-        while len(writer._queue) < wanted:
-            message = head()
+        inbox.receive(0)
+        queue = writer._queue
+        while len(queue) < wanted or inbox.controls or len(queue) + inbox.spans > writer.max_queue_size:
+            message = inbox.head()
             if message is None or message[0] != "spans":
                 return
-            pending.popleft()
+            inbox.pop()
             writer.enqueue([SpanRecord(*t) for t in message[1]])
 
     writer.before_prefetch = take_arrived
     writer.after_transaction = functools.partial(report, False)
     last_write = time.monotonic()
     while True:
-        if head() is None:  # wait for more, but no longer than the queued spans may wait to be written
+        if inbox.head() is None:  # wait for more, but no longer than the queued spans may wait to be written
             due = writer.flush_interval - (time.monotonic() - last_write)
             timeout = max(0.0, due) if writer._queue else 1.0
             if (writer.disposed, writer.written_rows) != reported:  # a throttled report is still to go out
                 timeout = min(timeout, _REPORT_INTERVAL)
-            frames.extend(reader.poll(timeout))
+            inbox.receive(timeout)
             report(False)
         take_arrived()
-        message = head()
+        message = inbox.head()
         if message is not None and message[0] != "spans":  # a control message, after the spans before it
-            pending.popleft()
+            inbox.pop()
             if message[0] == "flush":
                 ok = writer.force_flush(int(message[2] * 1000))
                 report()
@@ -598,7 +649,7 @@ def _child_main() -> int:
                 report()
                 send(("stopped",))
                 return 0
-        if reader.closed and head() is None:  # the application is gone: write what we have, spool the rest
+        if reader.closed and inbox.head() is None:  # the application is gone: write what we have, spool the rest
             writer.shutdown()
             return 0
         now = time.monotonic()
