@@ -527,35 +527,39 @@ class _FrameReader:
 
 
 class _Inbox:
-    """The child's messages from the application, in order. Frames stay pickled until they are needed;
-    their headers say how many spans each carries, so the backlog and any flush or stop waiting behind
-    it are known without decoding."""
+    """The child's messages from the application, in order. Frames of spans stay pickled until they are
+    needed (their headers say how many spans each carries, so the backlog is known without decoding);
+    any other message is small and decoded on arrival, so a stop waiting behind spans is seen at once."""
 
     def __init__(self, reader: _FrameReader) -> None:
         self.reader = reader
-        self.frames: collections.deque[tuple[int, bytes]] = collections.deque()
+        self.frames: collections.deque[tuple[int, Any]] = collections.deque()  # (spans, pickle or message)
         self.decoded: Any = None  # the next message, once head() has decoded it
         self.spans = 0  # spans in frames not decoded yet
-        self.controls = 0  # messages other than spans, decoded or not, not handled yet
+        self.stops = 0  # "stop" messages not handled yet
 
     def receive(self, timeout: float | None) -> None:
         for spans, data in self.reader.poll(timeout):
-            self.frames.append((spans, data))
-            self.spans += spans
-            self.controls += spans == 0
+            if spans:
+                self.frames.append((spans, data))
+                self.spans += spans
+            else:
+                message = pickle.loads(data)
+                self.frames.append((0, message))
+                self.stops += isinstance(message, tuple) and message[0] == "stop"
 
     def head(self) -> Any:
         """The next message, decoded; None when nothing more has arrived."""
         if self.decoded is None and self.frames:
             spans, data = self.frames.popleft()
             self.spans -= spans
-            self.decoded = pickle.loads(data)
+            self.decoded = pickle.loads(data) if spans else data
         return self.decoded
 
     def pop(self) -> Any:
         message, self.decoded = self.head(), None
-        if not (isinstance(message, tuple) and message[0] == "spans"):
-            self.controls -= 1
+        if isinstance(message, tuple) and message[0] == "stop":
+            self.stops -= 1
         return message
 
 
@@ -610,14 +614,15 @@ def _child_main() -> int:
 
     # Spans are decoded as the writer needs them: enough for its next two transactions (this runs while
     # Postgres finishes a COPY, and decoding a burst of thousands in one go would keep Postgres waiting),
-    # all of them before a flush or stop that waits behind them, and never more left undecoded than the
-    # writer's queue may hold (enqueue drops the oldest past max_queue_size, and counts them).
+    # all of them before a stop that waits behind them (so that its timeout bounds the shutdown, which
+    # spools what it cannot write), and never more left undecoded than the writer's queue may hold
+    # (enqueue drops the oldest past max_queue_size, and counts them).
     wanted = 2 * writer.batch_size
 
     def take_arrived() -> None:
         inbox.receive(0)
         queue = writer._queue
-        while len(queue) < wanted or inbox.controls or len(queue) + inbox.spans > writer.max_queue_size:
+        while len(queue) < wanted or inbox.stops or len(queue) + inbox.spans > writer.max_queue_size:
             message = inbox.head()
             if message is None or message[0] != "spans":
                 return
