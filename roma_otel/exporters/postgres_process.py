@@ -54,6 +54,10 @@ logger = logging.getLogger("roma_otel")
 
 _HEADER = struct.Struct(">II")  # the pickle's length, and how many spans it carries (0: any other message)
 _FRAME_SPANS = 2000  # at most this many spans per frame to the child (or batch_size, if larger)
+# Queued spans that wake the feeder: below the 512 at which the SDK's BatchSpanProcessor exports, so this
+# queue does not keep spans alive longer than that one does (each surviving collection costs the
+# collector later). Alternated with 1,000 twice: ~1 µs less per call (47.0 against 48.1 µs).
+_WAKE_SPANS = 250
 _PIPE_BYTES = 1 << 20  # the pipe to the child, where the system allows (see _widen_pipe)
 _REPORT_INTERVAL = 0.05  # seconds between the child's progress reports while it works through a backlog
 _STATUS = {code.value: code for code in StatusCode}
@@ -229,10 +233,10 @@ class PostgresProcessSpanProcessor(QueueingSpanProcessor):
 
     def __init__(self, dsn: str, **settings: Any) -> None:
         super().__init__(dsn, **settings)
-        # The feeder wakes for a frame's worth of spans (or flush_interval), not for every batch_size:
-        # each wake-up takes the GIL from the application, and the child writes batch_size per
-        # transaction whatever the frame size.
-        self._wake_at = min(max(self.batch_size, _FRAME_SPANS // 2), max(1, self.max_queue_size // 2))
+        # The feeder wakes for _WAKE_SPANS queued spans (or flush_interval), not for every batch_size: each
+        # wake-up takes the GIL from the application, and the child writes batch_size per transaction
+        # whatever the frame size. Never later than half the queue's bound, so it cannot overflow.
+        self._wake_at = min(max(self.batch_size, _WAKE_SPANS), max(1, self.max_queue_size // 2))
         # Batches sent and not yet reported disposed of by the child: (cumulative count at the end, the
         # pickled frame). Kept as bytes, which the garbage collector does not track.
         self._unacked: collections.deque[tuple[int, bytes]] = collections.deque()
