@@ -203,25 +203,35 @@ _TRACE_MARK, _SPAN_MARK = "@@roma-otel-trace@@", "@@roma-otel-span@@"  # text th
 
 
 def _tool_metadata_text(attrs: dict[str, Any], trace_hex: str, span_hex: str) -> str:
-    """``_j(tool_metadata(attrs, trace_hex, span_hex))``. For the usual row (no task id, no error) the
-    encoder's own text around the two ids is made once per (module, depth) and joined with them: the
-    ids are hex digits, which neither JSON nor COPY escapes."""
-    if sc.TASK_ID not in attrs and sc.ERROR_TYPE not in attrs:
-        module = attrs.get(sc.MODULE)
-        depth = attrs.get(sc.TASK_DEPTH, 0)
-        if (module is None or type(module) is str) and type(depth) is int:
-            parts = _metadata_parts.get((module, depth))
-            if parts is None:
-                sample = _j(tool_metadata(attrs, _TRACE_MARK, _SPAN_MARK))
-                if sample.count(_TRACE_MARK) != 1 or sample.count(_SPAN_MARK) != 1:  # a module named like a mark
-                    return _j(tool_metadata(attrs, trace_hex, span_hex))
-                head, rest = sample.split(_TRACE_MARK)
-                mid, tail = rest.split(_SPAN_MARK)
-                if len(_metadata_parts) >= _CACHE_LIMIT:
-                    _metadata_parts.clear()
-                parts = _metadata_parts[(module, depth)] = (head, mid, tail)
-            return f"{parts[0]}{trace_hex}{parts[1]}{span_hex}{parts[2]}"
-    return _j(tool_metadata(attrs, trace_hex, span_hex))
+    """``_j(tool_metadata(attrs, trace_hex, span_hex))``. For the usual row the encoder's own text around
+    the two ids comes from a cache and is joined with them: the ids are hex digits, which neither JSON
+    nor COPY escapes."""
+    parts = _cached_metadata_parts(attrs)
+    if parts is None:
+        return _j(tool_metadata(attrs, trace_hex, span_hex))
+    return f"{parts[0]}{trace_hex}{parts[1]}{span_hex}{parts[2]}"
+
+
+def _cached_metadata_parts(attrs: dict[str, Any]) -> tuple[str, str, str] | None:
+    """The metadata text before, between and after the ids, per (module, depth); None for a row that is
+    not cached (a task id, an error, a non-str module, a non-int depth, a module named like a mark)."""
+    if sc.TASK_ID in attrs or sc.ERROR_TYPE in attrs:
+        return None
+    module = attrs.get(sc.MODULE)
+    depth = attrs.get(sc.TASK_DEPTH, 0)
+    if not (module is None or type(module) is str) or type(depth) is not int:
+        return None
+    parts = _metadata_parts.get((module, depth))
+    if parts is None:
+        sample = _j(tool_metadata(attrs, _TRACE_MARK, _SPAN_MARK))
+        if sample.count(_TRACE_MARK) != 1 or sample.count(_SPAN_MARK) != 1:
+            return None
+        head, rest = sample.split(_TRACE_MARK)
+        mid, tail = rest.split(_SPAN_MARK)
+        if len(_metadata_parts) >= _CACHE_LIMIT:
+            _metadata_parts.clear()
+        parts = _metadata_parts[(module, depth)] = (head, mid, tail)
+    return parts
 
 
 def _toolkit_line(r: dict[str, Any]) -> str:
