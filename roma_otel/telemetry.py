@@ -39,6 +39,33 @@ SCOPE = "roma_otel"  # the instrumentation scope of every span and metric roma-o
 # Context key under which an execution root's start context carries its ExecutionContext (start_root_span).
 ROOT_EXECUTION_KEY = otel_context.create_key("roma_otel.root_execution")
 
+
+def _suppression_keys() -> tuple[Any, ...] | None:
+    """The context keys ``is_instrumentation_enabled()`` reads, or None if this OTel version hides them."""
+    try:
+        from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
+        from opentelemetry.instrumentation.utils import _SUPPRESS_INSTRUMENTATION_KEY_PLAIN
+    except ImportError:  # pragma: no cover - depends on the installed opentelemetry
+        return None
+    return (_SUPPRESS_INSTRUMENTATION_KEY, _SUPPRESS_INSTRUMENTATION_KEY_PLAIN)
+
+
+_SUPPRESSION_KEYS = _suppression_keys()
+
+
+def enabled_in(current: otel_context.Context) -> bool:
+    """``is_instrumentation_enabled()`` for a context the caller has already read.
+
+    A wrapper reads the current context once and uses it for this check, ``skip_span`` and the span's
+    start: each ``get_current()`` is three Python calls, and a module call used to make five of them.
+    """
+    keys = _SUPPRESSION_KEYS
+    if keys is None:  # pragma: no cover - depends on the installed opentelemetry
+        from opentelemetry.instrumentation.utils import is_instrumentation_enabled
+
+        return is_instrumentation_enabled()
+    return not (current.get(keys[0]) or current.get(keys[1]))
+
 _SCHEMA_URL = "https://opentelemetry.io/schemas/1.37.0"
 
 
@@ -296,6 +323,7 @@ class Telemetry:
         meter_provider: Any = None,
     ) -> None:
         self.config = config
+        self.config_version = config.config_version  # every execution carries it
         self.tracer = trace.get_tracer(SCOPE, __version__, tracer_provider, schema_url=_SCHEMA_URL)
         provider = tracer_provider if tracer_provider is not None else trace.get_tracer_provider()
         self.parent_based = _parent_based(provider)
@@ -343,7 +371,9 @@ class Telemetry:
         self.execution_listeners: list[Callable[[ExecutionContext], None]] = []
 
     # --- spans ----------------------------------------------------------------------------------
-    def start_span(self, name: str, kind: SpanKind, attributes: dict[str, Any]) -> Span:
+    def start_span(
+        self, name: str, kind: SpanKind, attributes: dict[str, Any], context: otel_context.Context | None = None
+    ) -> Span:
         """``tracer.start_span`` for roma-otel's own spans.
 
         The SDK checks and copies every attribute value given at the start (about 0.4 µs each, and
@@ -352,16 +382,21 @@ class Telemetry:
         after through ``set_attributes``, which skips the check for values that need none: a span
         processor's ``on_start`` then sees no attributes (it finds the execution through
         ``ExecutionContext.get()``, see ``ExecutionContext.root_started``). Otherwise everything is
-        given at the start.
+        given at the start. ``context``: the current context, when the caller has already read it.
         """
         if not self._attribute_blind:
-            return self.tracer.start_span(name, kind=kind, attributes=attributes)
-        span = self.tracer.start_span(name, kind=kind)
+            return self.tracer.start_span(name, context, kind=kind, attributes=attributes)
+        span = self.tracer.start_span(name, context, kind=kind)
         self.set_attributes(span, attributes)
         return span
 
     def start_root_span(
-        self, name: str, execution: ExecutionContext, build: Callable[..., dict[str, Any]], *args: Any
+        self,
+        name: str,
+        execution: ExecutionContext,
+        current: otel_context.Context,
+        build: Callable[..., dict[str, Any]],
+        *args: Any,
     ) -> tuple[Span, dict[str, Any] | None]:
         """Start ``execution``'s root span; return it and the attributes still to be written, if any.
 
@@ -372,9 +407,9 @@ class Telemetry:
         it ends except the sampler and ``on_start``, which gets none, see ``start_span``). Otherwise
         the sampler gets them at the start. With ``roots_in_context`` set (by a span processor that
         must recognise roots in ``on_start``, possibly on another thread), the context the span starts
-        in carries the execution under ``ROOT_EXECUTION_KEY``.
+        in carries the execution under ``ROOT_EXECUTION_KEY``. ``current``: the current context.
         """
-        context = otel_context.set_value(ROOT_EXECUTION_KEY, execution) if self.roots_in_context else None
+        context = otel_context.set_value(ROOT_EXECUTION_KEY, execution, current) if self.roots_in_context else current
         if not self._attribute_blind:
             span = self.tracer.start_span(name, context, kind=SpanKind.INTERNAL, attributes=build(*args))
             return span, None
@@ -392,13 +427,22 @@ class Telemetry:
         values of plain types (str, bool, int, float: stored unchanged by the SDK's check) go straight
         into the span's attribute dict. Anything else takes the public path. ``plain=True``: the caller
         built every value as one of those types itself, so they are not checked again.
+
+        The span takes ``attributes`` over: every caller builds the dict for this one span and lets go
+        of it. Into a span that has no attributes yet it goes as it is, instead of being copied.
         """
         if type(span) is self._direct_span_type:
-            stored = span._attributes._dict  # type: ignore[attr-defined]
+            bounded = span._attributes  # type: ignore[attr-defined]
+            stored = bounded._dict
             if len(stored) + len(attributes) <= self._direct_max_attributes and (
                 plain or _PLAIN_VALUE_TYPES.issuperset(map(type, attributes.values()))
             ):
-                stored.update(attributes)
+                if stored:
+                    stored.update(attributes)
+                elif type(attributes) is dict:
+                    bounded._dict = attributes
+                else:
+                    stored.update(attributes)
                 return
         elif not self._probed and span.is_recording():
             self._probe(span)
@@ -431,15 +475,16 @@ class Telemetry:
         rate = self.sample_rate
         return rate >= 1.0 or (rate > 0.0 and random.random() < rate)
 
-    def skip_span(self) -> bool:
+    def skip_span(self, current: otel_context.Context | None = None) -> bool:
         """True when the current span is sampled out and a parent-based sampler would drop a child.
 
         Starting a span just to have it dropped costs microseconds per call; skipping it keeps
-        sampled-out tracing nearly free while metrics still count every call.
+        sampled-out tracing nearly free while metrics still count every call. ``current``: the current
+        context, when the caller has already read it.
         """
         if not self.parent_based:
             return False
-        ctx = trace.get_current_span().get_span_context()
+        ctx = trace.get_current_span(current).get_span_context()
         return ctx.is_valid and not ctx.trace_flags.sampled
 
     # --- failures inside roma-otel --------------------------------------------------------------

@@ -98,7 +98,7 @@ def finish_execution(
                 tel.set_attributes(span, attrs)
         tel.execution_ends.record(failed, duration, cost, span if span is not None else trace.get_current_span())
         # tasks_total counts task-tree nodes; a run with no task scopes has none to count.
-        if ctx.has_tasks:
+        if ctx._tasks:  # ctx.has_tasks, without the property call: this runs per outermost module call
             if completed_tasks:
                 tel.tasks.add(completed_tasks, {sc.L_STATUS: "completed"})
             if failed_tasks:
@@ -208,7 +208,7 @@ def _begin(
     # Under suppress_instrumentation() the block still gets its ExecutionContext, but no telemetry.
     tel = telemetry.ACTIVE if is_instrumentation_enabled() else None
     if config_version is None and tel is not None:
-        config_version = tel.config.config_version
+        config_version = tel.config_version
     ctx = ExecutionContext(
         execution_id or new_id(),
         task=task,
@@ -224,8 +224,9 @@ def _begin(
     ex_token = _EXECUTION.set(ctx)
     if tel is not None:
         try:
-            span, pending = tel.start_root_span(sc.SPAN_EXECUTION, ctx, execution_attributes, ctx)
-            otel_token = otel_context.attach(trace.set_span_in_context(span))
+            current = otel_context.get_current()
+            span, pending = tel.start_root_span(sc.SPAN_EXECUTION, ctx, current, execution_attributes, ctx)
+            otel_token = otel_context.attach(trace.set_span_in_context(span, current))
         except Exception as exc:
             tel.internal_error("execution.start", exc)
     ctx.root_started = True

@@ -14,7 +14,6 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.trace import SpanKind
 
 from roma_otel import semconv as sc
@@ -23,7 +22,7 @@ from roma_otel.context import _EXECUTION, _TASK
 from roma_otel.cost import UNKNOWN, compute_cost
 from roma_otel.instrumentation.modules import current_module_label
 from roma_otel.instrumentation.patching import Patcher, all_subclasses, install_subclass_hook
-from roma_otel.telemetry import Telemetry, mark_error
+from roma_otel.telemetry import Telemetry, enabled_in, mark_error
 
 __all__ = ["instrument_lm"]
 
@@ -58,7 +57,7 @@ def _operation(lm: Any) -> str:
     return sc.OP_TEXT_COMPLETION if getattr(lm, "model_type", "chat") == "text" else sc.OP_CHAT
 
 
-def _enter(tel: Telemetry, lm: Any, kwargs: dict[str, Any]) -> tuple[Any, ...]:
+def _enter(tel: Telemetry, current: otel_context.Context, lm: Any, kwargs: dict[str, Any]) -> tuple[Any, ...]:
     model = str(getattr(lm, "model", None) or type(lm).__name__)
     provider, request_model = _model_info(model)
     op = _operation(lm)
@@ -66,7 +65,7 @@ def _enter(tel: Telemetry, lm: Any, kwargs: dict[str, Any]) -> tuple[Any, ...]:
     call_token = _CALL.set(call)
     span = None
     otel_token = None
-    if not tel.skip_span():
+    if not tel.skip_span(current):
         ctx = _EXECUTION.get()
         task = _TASK.get()
         attrs: dict[str, Any] = {
@@ -87,8 +86,8 @@ def _enter(tel: Telemetry, lm: Any, kwargs: dict[str, Any]) -> tuple[Any, ...]:
         max_tokens = kwargs.get("max_tokens", lm_kwargs.get("max_tokens"))
         if isinstance(max_tokens, int):
             attrs[sc.GEN_AI_REQUEST_MAX_TOKENS] = max_tokens
-        span = tel.start_span(f"{op} {request_model}", SpanKind.CLIENT, attrs)
-        otel_token = otel_context.attach(trace.set_span_in_context(span))
+        span = tel.start_span(f"{op} {request_model}", SpanKind.CLIENT, attrs, current)
+        otel_token = otel_context.attach(trace.set_span_in_context(span, current))
     return call_token, call, span, otel_token, model, provider, request_model, op, time.perf_counter()
 
 
@@ -241,10 +240,13 @@ def _sync_call(original: Any) -> Any:
     @functools.wraps(original)
     def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
         tel = telemetry.ACTIVE
-        if tel is None or _in_call_of(self) or not is_instrumentation_enabled():
+        if tel is None or _in_call_of(self):
+            return original(self, *args, **kwargs)
+        current = otel_context.get_current()
+        if not enabled_in(current):
             return original(self, *args, **kwargs)
         try:
-            state = _enter(tel, self, kwargs)
+            state = _enter(tel, current, self, kwargs)
         except Exception as err:
             tel.internal_error("lm.enter", err)
             return original(self, *args, **kwargs)
@@ -263,10 +265,13 @@ def _async_call(original: Any) -> Any:
     @functools.wraps(original)
     async def acall(self: Any, *args: Any, **kwargs: Any) -> Any:
         tel = telemetry.ACTIVE
-        if tel is None or _in_call_of(self) or not is_instrumentation_enabled():
+        if tel is None or _in_call_of(self):
+            return await original(self, *args, **kwargs)
+        current = otel_context.get_current()
+        if not enabled_in(current):
             return await original(self, *args, **kwargs)
         try:
-            state = _enter(tel, self, kwargs)
+            state = _enter(tel, current, self, kwargs)
         except Exception as err:
             tel.internal_error("lm.enter", err)
             return await original(self, *args, **kwargs)

@@ -14,7 +14,6 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.trace import SpanKind
 
 from roma_otel import semconv as sc
@@ -22,7 +21,7 @@ from roma_otel import telemetry
 from roma_otel.context import _EXECUTION, _TASK, ExecutionContext, TaskScope
 from roma_otel.instrumentation.executions import execution_attributes, finish_execution, new_id
 from roma_otel.instrumentation.patching import Patcher, all_subclasses, install_subclass_hook
-from roma_otel.telemetry import Telemetry, mark_error
+from roma_otel.telemetry import Telemetry, enabled_in, mark_error
 
 __all__ = ["UNATTRIBUTED", "ModuleFrame", "current_module_instance", "current_module_label", "instrument_modules"]
 
@@ -75,7 +74,7 @@ def _root_attributes(ctx: ExecutionContext, own: str, qualname: str, task: TaskS
     return attrs
 
 
-def _enter(tel: Telemetry, instance: Any, parent: ModuleFrame | None) -> tuple[Any, ...]:
+def _enter(tel: Telemetry, instance: Any, parent: ModuleFrame | None, current: otel_context.Context) -> tuple[Any, ...]:
     own, qualname, has_role, builtin = class_info(type(instance))
     # LM usage goes to the nearest ROMA role, else to the program's own module rather than to the
     # DSPy building block (Predict, ChainOfThought) it happens to run through.
@@ -92,18 +91,18 @@ def _enter(tel: Telemetry, instance: Any, parent: ModuleFrame | None) -> tuple[A
     try:
         if ctx is None:
             # No task text: a solver run inside this call may still supply the goal (see executions._begin).
-            ctx = ExecutionContext(new_id(), implicit=True, config_version=tel.config.config_version)
+            ctx = ExecutionContext(new_id(), None, None, None, tel.config_version, True)
             exec_token = _EXECUTION.set(ctx)
         task = _TASK.get()
         if exec_token is not None:
             try:
                 span, pending = tel.start_root_span(
-                    type(instance).__name__, ctx, _root_attributes, ctx, own, qualname, task
+                    type(instance).__name__, ctx, current, _root_attributes, ctx, own, qualname, task
                 )
             finally:
                 ctx.root_started = True  # also when the start failed: no later span is taken for the root
-            otel_token = otel_context.attach(trace.set_span_in_context(span))
-        elif not tel.skip_span():
+            otel_token = otel_context.attach(trace.set_span_in_context(span, current))
+        elif not tel.skip_span(current):
             attrs = {
                 sc.MODULE: own,
                 sc.MODULE_CLASS: qualname,
@@ -112,8 +111,8 @@ def _enter(tel: Telemetry, instance: Any, parent: ModuleFrame | None) -> tuple[A
             }
             if task is not None and task.task_id is not None:
                 attrs[sc.TASK_ID] = task.task_id
-            span = tel.start_span(type(instance).__name__, SpanKind.INTERNAL, attrs)
-            otel_token = otel_context.attach(trace.set_span_in_context(span))
+            span = tel.start_span(type(instance).__name__, SpanKind.INTERNAL, attrs, current)
+            otel_token = otel_context.attach(trace.set_span_in_context(span, current))
     except BaseException:
         # The call goes on uninstrumented (see the wrappers): leave no context or span of ours behind.
         if span is not None:
@@ -149,14 +148,13 @@ def _sync_wrapper(original: Any) -> Any:
     def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         tel = telemetry.ACTIVE
         parent = _MODULE.get()
-        if (
-            tel is None
-            or (parent is not None and parent[0] is self)
-            or not is_instrumentation_enabled()
-        ):
+        if tel is None or (parent is not None and parent[0] is self):
+            return original(self, *args, **kwargs)
+        current = otel_context.get_current()
+        if not enabled_in(current):
             return original(self, *args, **kwargs)
         try:
-            state = _enter(tel, self, parent)
+            state = _enter(tel, self, parent, current)
         except Exception as err:
             tel.internal_error("module.enter", err)
             return original(self, *args, **kwargs)
@@ -176,14 +174,13 @@ def _async_wrapper(original: Any) -> Any:
     async def aforward(self: Any, *args: Any, **kwargs: Any) -> Any:
         tel = telemetry.ACTIVE
         parent = _MODULE.get()
-        if (
-            tel is None
-            or (parent is not None and parent[0] is self)
-            or not is_instrumentation_enabled()
-        ):
+        if tel is None or (parent is not None and parent[0] is self):
+            return await original(self, *args, **kwargs)
+        current = otel_context.get_current()
+        if not enabled_in(current):
             return await original(self, *args, **kwargs)
         try:
-            state = _enter(tel, self, parent)
+            state = _enter(tel, self, parent, current)
         except Exception as err:
             tel.internal_error("module.enter", err)
             return await original(self, *args, **kwargs)

@@ -22,7 +22,6 @@ from typing import Any, TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from roma_otel import semconv as sc
@@ -30,7 +29,7 @@ from roma_otel import telemetry
 from roma_otel.context import _EXECUTION, _TASK, ToolInvocation
 from roma_otel.instrumentation.modules import current_module_label
 from roma_otel.instrumentation.patching import Patcher, all_subclasses, install_subclass_hook
-from roma_otel.telemetry import Telemetry, mark_error, to_json
+from roma_otel.telemetry import Telemetry, enabled_in, mark_error, to_json
 
 __all__ = ["FUNCTION_TOOLKIT", "instrument_tools", "payload_size", "toolkit"]
 
@@ -74,13 +73,19 @@ def _input_payload(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 
 
 def _enter(
-    tel: Telemetry, toolkit_class: str, tool_name: str, owner: Any, args: tuple[Any, ...], kwargs: dict
+    tel: Telemetry,
+    current: otel_context.Context,
+    toolkit_class: str,
+    tool_name: str,
+    owner: Any,
+    args: tuple[Any, ...],
+    kwargs: dict,
 ) -> tuple[Any, ...]:
     sampled = tel.sample_tool()
     span = None
     otel_token = None
     ctx = _EXECUTION.get()
-    if sampled and not tel.skip_span():
+    if sampled and not tel.skip_span(current):
         task = _TASK.get()
         attrs: dict[str, Any] = {
             sc.GEN_AI_OPERATION_NAME: sc.OP_EXECUTE_TOOL,
@@ -93,8 +98,8 @@ def _enter(
             attrs[sc.EXECUTION_ID] = ctx.execution_id
         if task is not None and task.task_id is not None:
             attrs[sc.TASK_ID] = task.task_id
-        span = tel.start_span(f"{sc.SPAN_TOOL_PREFIX} {tool_name}", SpanKind.INTERNAL, attrs)
-        otel_token = otel_context.attach(trace.set_span_in_context(span))
+        span = tel.start_span(f"{sc.SPAN_TOOL_PREFIX} {tool_name}", SpanKind.INTERNAL, attrs, current)
+        otel_token = otel_context.attach(trace.set_span_in_context(span, current))
     input_size = payload_size(_input_payload(args, kwargs)) if sampled else 0
     if sampled and span is not None and tel.redactor is not None and span.is_recording():
         span.set_attribute(sc.GEN_AI_TOOL_CALL_ARGUMENTS, tel.redactor.render(_input_payload(args, kwargs)))
@@ -165,10 +170,13 @@ def _run_sync(
     original: Any, toolkit_class: str, tool_name: str, owner: Any, args: tuple, kwargs: dict, call: Any
 ) -> Any:
     tel = telemetry.ACTIVE
-    if tel is None or not tel.track_invocations or not is_instrumentation_enabled():
+    if tel is None or not tel.track_invocations:
+        return call()
+    current = otel_context.get_current()
+    if not enabled_in(current):
         return call()
     try:
-        state = _enter(tel, toolkit_class, tool_name, owner, args, kwargs)
+        state = _enter(tel, current, toolkit_class, tool_name, owner, args, kwargs)
     except Exception as err:
         tel.internal_error("tool.enter", err)
         return call()
@@ -185,10 +193,13 @@ async def _run_async(
     original: Any, toolkit_class: str, tool_name: str, owner: Any, args: tuple, kwargs: dict, call: Any
 ) -> Any:
     tel = telemetry.ACTIVE
-    if tel is None or not tel.track_invocations or not is_instrumentation_enabled():
+    if tel is None or not tel.track_invocations:
+        return await call()
+    current = otel_context.get_current()
+    if not enabled_in(current):
         return await call()
     try:
-        state = _enter(tel, toolkit_class, tool_name, owner, args, kwargs)
+        state = _enter(tel, current, toolkit_class, tool_name, owner, args, kwargs)
     except Exception as err:
         tel.internal_error("tool.enter", err)
         return await call()
