@@ -257,10 +257,20 @@ def test_snapshot_falls_back_per_span_when_attributes_are_not_the_sdks(tel) -> N
     from opentelemetry.sdk.trace import ReadableSpan
     from opentelemetry.trace import SpanContext
 
+    class FreshSpan(ReadableSpan):  # a class snapshot() has not classified yet
+        pass
+
     context = SpanContext(1, 2, is_remote=False)
+    parent = SpanContext(1, 3, is_remote=False)
+    root = FreshSpan("r", context=context, attributes=BoundedAttributes(attributes={"k": 0}), start_time=1, end_time=2)
+    # A root cannot show that the direct read agrees (it has no parent to read): the class stays unclassified.
+    assert snapshot(root) == _public_snapshot(root) and snapshot(root)[3] is None
+    assert FreshSpan not in _DIRECT_TYPES and FreshSpan not in _PUBLIC_TYPES
     bounded = BoundedAttributes(attributes={"k": 1})
-    first = ReadableSpan("a", context=context, attributes=bounded, start_time=1, end_time=2)
-    assert snapshot(first) == _public_snapshot(first) and type(first) in _DIRECT_TYPES
+    first = FreshSpan("a", context=context, parent=parent, attributes=bounded, start_time=1, end_time=2)
+    assert snapshot(first) == _public_snapshot(first) and FreshSpan in _DIRECT_TYPES
+    assert snapshot(first)[3] == 3 and snapshot(first)[-1] is bounded._dict
+    assert snapshot(root) == _public_snapshot(root)  # now through the direct path's fallback
     for attributes in ({"k": 2}, None):  # the same class, built with a plain dict or no attributes
-        span = ReadableSpan("b", context=context, attributes=attributes, start_time=1, end_time=2)  # type: ignore[arg-type]
+        span = FreshSpan("b", context=context, parent=parent, attributes=attributes, start_time=1, end_time=2)  # type: ignore[arg-type]
         assert snapshot(span) == _public_snapshot(span)

@@ -42,7 +42,6 @@ try:
 except ImportError:  # pragma: no cover - not on Windows
     fcntl = None  # type: ignore[assignment]
 
-from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.trace import StatusCode
 
 from roma_otel.exporters.postgres import PostgresSpanProcessor, QueueingSpanProcessor
@@ -138,8 +137,9 @@ def snapshot(span: Any) -> tuple[Any, ...]:
     """A finished span as plain values; ``SpanRecord(*snapshot(span))`` reads the same.
 
     The feeder does this for every span. On the SDK's span class it reads the fields behind the
-    properties in one C call (0.4 µs a span instead of 0.6), once a first span of that class has shown
-    that both ways give the same values; any other class is read through its public properties.
+    properties in one C call (``_SDK_ROW``: 0.28 µs a span instead of 0.6), once a first span of that
+    class with a parent has shown that both ways give the same values; any other class is read
+    through its public properties.
     """
     kind = type(span)
     if kind in _DIRECT_TYPES:
@@ -151,13 +151,10 @@ def snapshot(span: Any) -> tuple[Any, ...]:
 
 
 def _direct_snapshot(span: Any) -> tuple[Any, ...]:
-    name, context, parent, start, end, status, attributes = _SDK_FIELDS(span)
-    if type(attributes) is not BoundedAttributes:  # a ReadableSpan built with a dict or None: read it the public way
+    try:
+        return _SDK_ROW(span)
+    except AttributeError:  # a root (no parent), or a ReadableSpan built with a plain dict or None
         return _public_snapshot(span)
-    return (
-        name, context.trace_id, context.span_id, parent.span_id if parent is not None else None,
-        start, end, _CODE_VALUES[status.status_code], status.description, attributes._dict,
-    )  # fmt: skip
 
 
 def _public_snapshot(span: Any) -> tuple[Any, ...]:
@@ -170,18 +167,34 @@ def _public_snapshot(span: Any) -> tuple[Any, ...]:
     )  # fmt: skip
 
 
-_SDK_FIELDS = operator.attrgetter("_name", "_context", "_parent", "_start_time", "_end_time", "_status", "_attributes")
-_CODE_VALUES = {code: code.value for code in StatusCode}
+# The whole snapshot in one C call, dotted paths included (0.28 µs a span instead of 0.47 for reading
+# the seven fields and then their parts in Python). It fails with AttributeError on a span without a
+# parent and on attributes that are not the SDK's BoundedAttributes (whose ``_dict`` it reads).
+_SDK_ROW = operator.attrgetter(
+    "_name", "_context.trace_id", "_context.span_id", "_parent.span_id", "_start_time", "_end_time",
+    "_status._status_code._value_", "_status._description", "_attributes._dict",
+)  # fmt: skip
 _DIRECT_TYPES: set[type] = set()  # span classes whose fields snapshot() reads directly
 _PUBLIC_TYPES: set[type] = set()  # span classes read through their properties
 
 
+_SDK_FIELDS = operator.attrgetter("_name", "_context", "_parent", "_start_time", "_end_time", "_status", "_attributes")
+
+
 def _probe(kind: type, span: Any, public: tuple[Any, ...]) -> None:
     try:
-        direct = _direct_snapshot(span)
-        agrees = direct == public and type(direct[-1]) is dict and direct[-1] is span_attributes(span)
+        fields = _SDK_FIELDS(span)
     except Exception:  # not built like the SDK's span
-        agrees = False
+        _PUBLIC_TYPES.add(kind)
+        return
+    if fields[2] is None or type(getattr(fields[-1], "_dict", None)) is not dict:
+        return  # a root, or attributes that are not the SDK's: this span cannot tell, the next one may
+    try:
+        direct = _SDK_ROW(span)
+    except Exception:
+        _PUBLIC_TYPES.add(kind)
+        return
+    agrees = direct == public and type(direct[-1]) is dict and direct[-1] is span_attributes(span)
     (_DIRECT_TYPES if agrees else _PUBLIC_TYPES).add(kind)
 
 
@@ -419,14 +432,20 @@ class PostgresProcessSpanProcessor(QueueingSpanProcessor):
     def _snapshots(self, spans: list[Any]) -> list[tuple[Any, ...]]:
         """The spans as plain tuples; one that cannot be read is counted as dropped, not the whole frame."""
         records = []
+        direct, row = _DIRECT_TYPES, _SDK_ROW
         for span in spans:
             try:
-                records.append(snapshot(span))
+                try:  # snapshot(span), its common case inline: this runs for every span
+                    record = row(span) if type(span) in direct else snapshot(span)
+                except AttributeError:  # a root, or attributes that are not the SDK's: the public way
+                    record = snapshot(span)
             except Exception as exc:
                 self._count_drop(1, "unreadable span")
                 if not self._snapshot_error_logged:
                     self._snapshot_error_logged = True
                     logger.warning("roma-otel: cannot copy a span for the writer process: %r", exc, exc_info=exc)
+                continue
+            records.append(record)
         return records
 
     def _drain_queue(self, deadline: float) -> bool:
