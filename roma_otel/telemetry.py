@@ -427,22 +427,13 @@ class Telemetry:
         values of plain types (str, bool, int, float: stored unchanged by the SDK's check) go straight
         into the span's attribute dict. Anything else takes the public path. ``plain=True``: the caller
         built every value as one of those types itself, so they are not checked again.
-
-        The span takes ``attributes`` over: every caller builds the dict for this one span and lets go
-        of it. Into a span that has no attributes yet it goes as it is, instead of being copied.
         """
         if type(span) is self._direct_span_type:
-            bounded = span._attributes  # type: ignore[attr-defined]
-            stored = bounded._dict
+            stored = span._attributes._dict  # type: ignore[attr-defined]
             if len(stored) + len(attributes) <= self._direct_max_attributes and (
                 plain or _PLAIN_VALUE_TYPES.issuperset(map(type, attributes.values()))
             ):
-                if stored:
-                    stored.update(attributes)
-                elif type(attributes) is dict:
-                    bounded._dict = attributes
-                else:
-                    stored.update(attributes)
+                stored.update(attributes)  # one C call: no other thread's write can fall between
                 return
         elif not self._probed and span.is_recording():
             self._probe(span)

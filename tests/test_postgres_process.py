@@ -261,16 +261,20 @@ def test_snapshot_falls_back_per_span_when_attributes_are_not_the_sdks(tel) -> N
         pass
 
     context = SpanContext(1, 2, is_remote=False)
-    parent = SpanContext(1, 3, is_remote=False)
-    root = FreshSpan("r", context=context, attributes=BoundedAttributes(attributes={"k": 0}), start_time=1, end_time=2)
-    # A root cannot show that the direct read agrees (it has no parent to read): the class stays unclassified.
-    assert snapshot(root) == _public_snapshot(root) and snapshot(root)[3] is None
+    parent = SpanContext(1, 3, is_remote=True)  # a remote parent, as under a propagated trace
+    # A first span with plain-dict attributes cannot show that the direct read agrees: no verdict yet.
+    plain = FreshSpan("p", context=context, parent=parent, attributes={"k": 0}, start_time=1, end_time=2)  # type: ignore[arg-type]
+    assert snapshot(plain) == _public_snapshot(plain)
     assert FreshSpan not in _DIRECT_TYPES and FreshSpan not in _PUBLIC_TYPES
+    root_attributes = BoundedAttributes(attributes={"k": 0})
+    root = FreshSpan("r", context=context, attributes=root_attributes, start_time=1, end_time=2)
+    assert snapshot(root) == _public_snapshot(root) and FreshSpan in _DIRECT_TYPES
+    assert snapshot(root)[3] is None and snapshot(root)[-1] is root_attributes._dict
     bounded = BoundedAttributes(attributes={"k": 1})
-    first = FreshSpan("a", context=context, parent=parent, attributes=bounded, start_time=1, end_time=2)
-    assert snapshot(first) == _public_snapshot(first) and FreshSpan in _DIRECT_TYPES
-    assert snapshot(first)[3] == 3 and snapshot(first)[-1] is bounded._dict
-    assert snapshot(root) == _public_snapshot(root)  # now through the direct path's fallback
+    child = FreshSpan("a", context=context, parent=parent, attributes=bounded, start_time=1, end_time=2)
+    assert snapshot(child) == _public_snapshot(child)
+    assert snapshot(child)[3] == 3 and snapshot(child)[-1] is bounded._dict
     for attributes in ({"k": 2}, None):  # the same class, built with a plain dict or no attributes
-        span = FreshSpan("b", context=context, parent=parent, attributes=attributes, start_time=1, end_time=2)  # type: ignore[arg-type]
-        assert snapshot(span) == _public_snapshot(span)
+        for span_parent in (parent, None):
+            span = FreshSpan("b", context=context, parent=span_parent, attributes=attributes, start_time=1, end_time=2)  # type: ignore[arg-type]
+            assert snapshot(span) == _public_snapshot(span)
