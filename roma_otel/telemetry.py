@@ -53,18 +53,20 @@ def _suppression_keys() -> tuple[Any, ...] | None:
 _SUPPRESSION_KEYS = _suppression_keys()
 
 
-def enabled_in(current: otel_context.Context) -> bool:
-    """``is_instrumentation_enabled()`` for a context the caller has already read.
+def enabled_context() -> otel_context.Context | None:
+    """The current context, or None where ``is_instrumentation_enabled()`` is false.
 
-    A wrapper reads the current context once and uses it for this check, ``skip_span`` and the span's
-    start: each ``get_current()`` is three Python calls, and a module call used to make five of them.
+    A wrapper reads the current context once, here, and uses it for ``skip_span`` and the span's start
+    too: each ``get_current()`` is three Python calls, and a module call used to make five of them.
+    (A Context is a dict: an empty one is false, so test the result against None.)
     """
+    current = otel_context.get_current()
     keys = _SUPPRESSION_KEYS
     if keys is None:  # pragma: no cover - depends on the installed opentelemetry
         from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 
-        return is_instrumentation_enabled()
-    return not (current.get(keys[0]) or current.get(keys[1]))
+        return current if is_instrumentation_enabled() else None
+    return None if current.get(keys[0]) or current.get(keys[1]) else current
 
 _SCHEMA_URL = "https://opentelemetry.io/schemas/1.37.0"
 

@@ -274,21 +274,21 @@ def test_suppress_instrumentation_makes_no_spans_and_no_metrics(make_tel: Any) -
 
 
 def test_suppression_by_the_legacy_plain_key_is_honoured_too(make_tel: Any) -> None:
-    """The wrappers read the current context once (telemetry.enabled_in) instead of calling
+    """The wrappers read the current context once (telemetry.enabled_context) instead of calling
     is_instrumentation_enabled(); both must agree on both keys it checks, including the plain string
     key that older instrumentations set."""
     from opentelemetry import context as otel_context
     from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 
-    from roma_otel.telemetry import enabled_in
+    from roma_otel.telemetry import enabled_context
 
     tel = make_tel()
-    assert enabled_in(otel_context.get_current()) is is_instrumentation_enabled() is True
+    assert enabled_context() is otel_context.get_current() and is_instrumentation_enabled() is True
     with suppress_instrumentation():
-        assert enabled_in(otel_context.get_current()) is is_instrumentation_enabled() is False
+        assert enabled_context() is None and is_instrumentation_enabled() is False
     token = otel_context.attach(otel_context.set_value("suppress_instrumentation", True))
     try:
-        assert enabled_in(otel_context.get_current()) is is_instrumentation_enabled() is False
+        assert enabled_context() is None and is_instrumentation_enabled() is False
         assert run_agent(2) == ["done", "done"]
     finally:
         otel_context.detach(token)

@@ -22,7 +22,7 @@ from roma_otel.context import _EXECUTION, _TASK
 from roma_otel.cost import UNKNOWN, compute_cost
 from roma_otel.instrumentation.modules import current_module_label
 from roma_otel.instrumentation.patching import Patcher, all_subclasses, install_subclass_hook
-from roma_otel.telemetry import Telemetry, enabled_in, mark_error
+from roma_otel.telemetry import Telemetry, enabled_context, mark_error
 
 __all__ = ["instrument_lm"]
 
@@ -242,8 +242,8 @@ def _sync_call(original: Any) -> Any:
         tel = telemetry.ACTIVE
         if tel is None or _in_call_of(self):
             return original(self, *args, **kwargs)
-        current = otel_context.get_current()
-        if not enabled_in(current):
+        current = enabled_context()
+        if current is None:
             return original(self, *args, **kwargs)
         try:
             state = _enter(tel, current, self, kwargs)
@@ -267,8 +267,8 @@ def _async_call(original: Any) -> Any:
         tel = telemetry.ACTIVE
         if tel is None or _in_call_of(self):
             return await original(self, *args, **kwargs)
-        current = otel_context.get_current()
-        if not enabled_in(current):
+        current = enabled_context()
+        if current is None:
             return await original(self, *args, **kwargs)
         try:
             state = _enter(tel, current, self, kwargs)

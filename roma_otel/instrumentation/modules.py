@@ -21,7 +21,7 @@ from roma_otel import telemetry
 from roma_otel.context import _EXECUTION, _TASK, ExecutionContext, TaskScope
 from roma_otel.instrumentation.executions import execution_attributes, finish_execution, new_id
 from roma_otel.instrumentation.patching import Patcher, all_subclasses, install_subclass_hook
-from roma_otel.telemetry import Telemetry, enabled_in, mark_error
+from roma_otel.telemetry import Telemetry, enabled_context, mark_error
 
 __all__ = ["UNATTRIBUTED", "ModuleFrame", "current_module_instance", "current_module_label", "instrument_modules"]
 
@@ -150,8 +150,8 @@ def _sync_wrapper(original: Any) -> Any:
         parent = _MODULE.get()
         if tel is None or (parent is not None and parent[0] is self):
             return original(self, *args, **kwargs)
-        current = otel_context.get_current()
-        if not enabled_in(current):
+        current = enabled_context()
+        if current is None:
             return original(self, *args, **kwargs)
         try:
             state = _enter(tel, self, parent, current)
@@ -176,8 +176,8 @@ def _async_wrapper(original: Any) -> Any:
         parent = _MODULE.get()
         if tel is None or (parent is not None and parent[0] is self):
             return await original(self, *args, **kwargs)
-        current = otel_context.get_current()
-        if not enabled_in(current):
+        current = enabled_context()
+        if current is None:
             return await original(self, *args, **kwargs)
         try:
             state = _enter(tel, self, parent, current)

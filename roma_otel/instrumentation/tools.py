@@ -29,7 +29,7 @@ from roma_otel import telemetry
 from roma_otel.context import _EXECUTION, _TASK, ToolInvocation
 from roma_otel.instrumentation.modules import current_module_label
 from roma_otel.instrumentation.patching import Patcher, all_subclasses, install_subclass_hook
-from roma_otel.telemetry import Telemetry, enabled_in, mark_error, to_json
+from roma_otel.telemetry import Telemetry, enabled_context, mark_error, to_json
 
 __all__ = ["FUNCTION_TOOLKIT", "instrument_tools", "payload_size", "toolkit"]
 
@@ -172,8 +172,8 @@ def _run_sync(
     tel = telemetry.ACTIVE
     if tel is None or not tel.track_invocations:
         return call()
-    current = otel_context.get_current()
-    if not enabled_in(current):
+    current = enabled_context()
+    if current is None:
         return call()
     try:
         state = _enter(tel, current, toolkit_class, tool_name, owner, args, kwargs)
@@ -195,8 +195,8 @@ async def _run_async(
     tel = telemetry.ACTIVE
     if tel is None or not tel.track_invocations:
         return await call()
-    current = otel_context.get_current()
-    if not enabled_in(current):
+    current = enabled_context()
+    if current is None:
         return await call()
     try:
         state = _enter(tel, current, toolkit_class, tool_name, owner, args, kwargs)
