@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -251,6 +252,47 @@ def test_a_full_queue_drops_oldest_and_counts(tel, tmp_path: Path) -> None:
     finally:
         writer.flush_timeout = 1
         writer.shutdown()
+
+
+def test_spans_ending_on_many_threads_at_once_are_queued_once_each_within_the_bound(tel, tmp_path: Path) -> None:
+    """on_end takes no lock: spans ended by several threads together must each be queued exactly once,
+    and a full queue must stay within its bound (plus at most one span per racing thread), counting
+    every span it lets go."""
+    run_execution()
+    spans = [s for s in tel.spans() if classify(s)]
+    for bound, copies in ((1_000_000, 400), (50, 400)):
+        writer = PostgresSpanProcessor(
+            "postgresql://nobody@127.0.0.1:1/none", spool_dir=tmp_path, max_queue_size=bound, flush_interval=3600
+        )
+        writer._retry_at = time.monotonic() + 3600  # keep the worker from draining while the threads fill it
+        writer._wake_at = 10**9
+        start = threading.Barrier(4)
+
+        def end_all(
+            writer: PostgresSpanProcessor = writer, start: threading.Barrier = start, copies: int = copies
+        ) -> None:
+            start.wait()
+            for _ in range(copies):
+                for span in spans:
+                    writer.on_end(span)
+
+        threads = [threading.Thread(target=end_all) for _ in range(4)]
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            total = 4 * copies * len(spans)
+            queued = len(writer._queue)
+            assert queued + writer.dropped == total
+            if bound > total:
+                assert writer.dropped == 0 and queued == total
+            else:
+                assert bound - 1 <= queued <= bound + 4 and writer.dropped == total - queued
+        finally:
+            writer.flush_timeout = 0.1
+            writer._queue.clear()
+            writer.shutdown()
 
 
 def test_copy_fast_path_and_on_conflict_path_write_identical_rows(tel, migrated: str, tmp_path: Path) -> None:
