@@ -373,8 +373,9 @@ class PostgresProcessSpanProcessor(QueueingSpanProcessor):
         # queued here goes through an in-process writer, whose shutdown spools what it cannot write.
         with self._lock:
             leftover = self._take_unacked()
-            queued = list(self._queue)
-            self._queue.clear()
+            # Taken one by one: on_end appends without the lock, and a span ending now must not fall
+            # between a copy of the queue and its clearing.
+            queued = [self._queue.popleft() for _ in range(len(self._queue))]
         if leftover or queued:
             if self._fallback is None:
                 self._fallback = self._new_fallback()
