@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import dspy
@@ -243,7 +245,8 @@ def test_a_full_queue_drops_oldest_and_counts(tel, tmp_path: Path) -> None:
         "postgresql://nobody@127.0.0.1:1/none", spool_dir=tmp_path, max_queue_size=2, flush_interval=3600,
         on_drop=lambda n, reason: dropped.append((n, reason)),
     )  # fmt: skip
-    writer._retry_at = time.monotonic() + 3600  # keep the worker from draining while we fill the queue
+    # The worker stays asleep: flush_interval is an hour, and a queue bound of 2 never reaches the batch size
+    # that would wake it.
     try:
         for span in spans:
             writer.on_end(span)
@@ -255,44 +258,66 @@ def test_a_full_queue_drops_oldest_and_counts(tel, tmp_path: Path) -> None:
 
 
 def test_spans_ending_on_many_threads_at_once_are_queued_once_each_within_the_bound(tel, tmp_path: Path) -> None:
-    """on_end takes no lock: spans ended by several threads together must each be queued exactly once,
-    and a full queue must stay within its bound (plus at most one span per racing thread), counting
-    every span it lets go."""
+    """on_end takes no lock: spans ended by several threads while a consumer takes them off the queue
+    must each be taken or queued exactly once, a full queue must stay within its bound (plus at most
+    one span per racing thread), and every span it lets go must be counted. (Races between threads are
+    rare even at the shortest switch interval: this guards the accounting more than the locking.)"""
     run_execution()
-    spans = [s for s in tel.spans() if classify(s)]
-    for bound, copies in ((1_000_000, 400), (50, 400)):
-        writer = PostgresSpanProcessor(
-            "postgresql://nobody@127.0.0.1:1/none", spool_dir=tmp_path, max_queue_size=bound, flush_interval=3600
-        )
-        writer._retry_at = time.monotonic() + 3600  # keep the worker from draining while the threads fill it
-        writer._wake_at = 10**9
-        start = threading.Barrier(4)
+    scope = next(s for s in tel.spans() if classify(s)).instrumentation_scope
+    threads_n, per_thread = 4, 3000  # four producers
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can, to provoke the races
+    try:
+        for bound in (1_000_000, 50):
+            # Distinct objects, kept alive, so that "once each" can be checked by identity.
+            spans = [[SimpleNamespace(_instrumentation_scope=scope) for _ in range(per_thread)] for _ in range(4)]
+            writer = PostgresSpanProcessor(
+                "postgresql://nobody@127.0.0.1:1/none", spool_dir=tmp_path, max_queue_size=bound,
+                flush_interval=3600, connect_early=False,
+            )  # fmt: skip
+            writer._wake_at = 10**9  # with flush_interval, keeps the worker asleep: this test is the consumer
+            start = threading.Barrier(threads_n + 1)
+            ended = threading.Event()
+            taken: list[Any] = []
 
-        def end_all(
-            writer: PostgresSpanProcessor = writer, start: threading.Barrier = start, copies: int = copies
-        ) -> None:
-            start.wait()
-            for _ in range(copies):
-                for span in spans:
+            def end_all(mine: list[Any], start: threading.Barrier = start, writer: Any = writer) -> None:
+                start.wait()
+                for span in mine:
                     writer.on_end(span)
 
-        threads = [threading.Thread(target=end_all) for _ in range(4)]
-        try:
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            total = 4 * copies * len(spans)
-            queued = len(writer._queue)
-            assert queued + writer.dropped == total
-            if bound > total:
-                assert writer.dropped == 0 and queued == total
-            else:
-                assert bound - 1 <= queued <= bound + 4 and writer.dropped == total - queued
-        finally:
-            writer.flush_timeout = 0.1
-            writer._queue.clear()
-            writer.shutdown()
+            def consume(
+                start: threading.Barrier = start, writer: Any = writer, ended: Any = ended, taken: Any = taken
+            ) -> None:
+                start.wait()
+                while not ended.is_set():
+                    taken.extend(writer._take(7))
+
+            producers = [threading.Thread(target=end_all, args=(mine,)) for mine in spans]
+            consumer = threading.Thread(target=consume)
+            try:
+                for t in [*producers, consumer]:
+                    t.start()
+                for t in producers:
+                    t.join()
+                ended.set()
+                consumer.join()
+                queued = list(writer._queue)
+                total = threads_n * per_thread
+                seen = {id(s) for s in taken} | {id(s) for s in queued}
+                assert len(seen) == len(taken) + len(queued), "a span was queued or taken twice"
+                assert len(taken) + len(queued) + writer.dropped == total
+                assert writer.disposed == writer.dropped
+                if bound > total:
+                    assert writer.dropped == 0
+                else:
+                    assert writer.dropped > 0 and len(queued) <= bound + threads_n
+            finally:
+                writer._queue.clear()
+                writer._done(len(taken))
+                writer.flush_timeout = 0.1
+                writer.shutdown()
+    finally:
+        sys.setswitchinterval(switch)
 
 
 def test_copy_fast_path_and_on_conflict_path_write_identical_rows(tel, migrated: str, tmp_path: Path) -> None:

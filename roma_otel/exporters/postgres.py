@@ -288,8 +288,8 @@ except ImportError:  # pragma: no cover - without DSPy's dependencies
 
 class QueueingSpanProcessor(SpanProcessor):
     """What every Postgres writer shares: its settings, the bounded queue ``on_end`` feeds (roma-otel's
-    spans only), the synchronous flush at an execution's end, and drop counting. Subclasses create
-    ``_lock`` and ``_wake`` and decide what happens to the queue."""
+    spans only), the synchronous flush at an execution's end, and drop counting. Subclasses decide what
+    happens to the queue; spans leave it only under ``_lock``."""
 
     def __init__(
         self,
@@ -323,6 +323,7 @@ class QueueingSpanProcessor(SpanProcessor):
         self._shutdown = False
         self._queue: collections.deque[Any] = collections.deque()
         self._lock = threading.Lock()
+        self._counts = threading.Lock()  # dropped and disposed: changed from several threads
         self._wake = threading.Event()
 
     def settings(self) -> dict[str, Any]:
@@ -374,7 +375,7 @@ class QueueingSpanProcessor(SpanProcessor):
                 dropped += 1
             if dropped:
                 self._count_drop(dropped, "queue full")
-                self.disposed += dropped
+                self._add_disposed(dropped)
 
     def _wait_until_idle(self, condition: threading.Condition, busy: Callable[[], bool], deadline: float) -> bool:
         """Wake the worker and wait until the queue is empty and ``busy()`` is false; False at ``deadline``."""
@@ -388,8 +389,13 @@ class QueueingSpanProcessor(SpanProcessor):
                 self._wake.set()
         return True
 
+    def _add_disposed(self, n: int) -> None:
+        with self._counts:
+            self.disposed += n
+
     def _count_drop(self, n: int, reason: str) -> None:
-        self.dropped += n
+        with self._counts:
+            self.dropped += n
         if self._on_drop is not None:
             try:
                 self._on_drop(n, reason)
@@ -477,7 +483,7 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
                 self._queue.popleft()
             if over > 0:
                 self._count_drop(over, "queue full")
-                self.disposed += over
+                self._add_disposed(over)
         self._wake.set()
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
@@ -502,7 +508,7 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
         leftover = self._take(len(self._queue))
         if leftover or self._nodes:
             self._spool(self._translate(leftover))
-        self.disposed += len(leftover)
+        self._add_disposed(len(leftover))
         if self._conn is not None:
             try:
                 self._conn.close()
@@ -512,14 +518,16 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
     # --- worker ---------------------------------------------------------------------------------------
     def _take(self, n: int) -> list[ReadableSpan]:
         with self._lock:
-            items = [self._queue.popleft() for _ in range(min(n, len(self._queue)))]
-            self._pending += len(items)
-        return items
+            n = min(n, len(self._queue))
+            # Counted as pending before they leave the queue: a flush checking the queue and then the
+            # pending count (without this lock) never sees them in neither.
+            self._pending += n
+            return [self._queue.popleft() for _ in range(n)]
 
     def _done(self, n: int) -> None:
         with self._idle:
             self._pending -= n
-            self.disposed += n
+            self._add_disposed(n)
             self._idle.notify_all()
 
     def _run(self) -> None:

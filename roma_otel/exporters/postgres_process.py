@@ -302,9 +302,11 @@ class PostgresProcessSpanProcessor(QueueingSpanProcessor):
         self._queue = collections.deque()
         self._unacked = collections.deque()
         self._lock = threading.Lock()
+        self._counts = threading.Lock()
         self._send_lock = threading.Lock()
         self._state = threading.Condition(threading.Lock())
         self._wake = threading.Event()
+        self._sending = 0  # a send in progress at the fork happened in the parent
         self._proc = None
         self._fallback = self._new_fallback(connect_early=False)
         self._feeder = threading.Thread(target=self._feed, name="roma-otel-postgres-feeder", daemon=True)
@@ -382,7 +384,8 @@ class PostgresProcessSpanProcessor(QueueingSpanProcessor):
             self._fallback.enqueue(leftover + [SpanRecord(*snapshot(s)) for s in queued])
         if self._fallback is not None:
             self._fallback.shutdown()
-            self.dropped += self._fallback.dropped
+            with self._counts:
+                self.dropped += self._fallback.dropped
             self.written_rows += self._fallback.written_rows
         for stream in (proc.stdin, proc.stdout) if proc is not None else ():
             try:
@@ -412,8 +415,8 @@ class PostgresProcessSpanProcessor(QueueingSpanProcessor):
                 n = min(most, len(self._queue))
                 if not n:
                     return
+                self._sending += n  # before they leave the queue: see PostgresSpanProcessor._take
                 spans = [self._queue.popleft() for _ in range(n)]
-                self._sending += n
             try:
                 records = self._snapshots(spans) if self._fallback is None else []
                 frame = _pickle(("spans", records)) if records else None
