@@ -322,7 +322,11 @@ class QueueingSpanProcessor(SpanProcessor):
         self._drop_logged = False
         self._shutdown = False
         self._queue: collections.deque[Any] = collections.deque()
-        self._lock = threading.Lock()
+        self._new_locks()
+
+    def _new_locks(self) -> None:
+        """The locks and the wake-up event, new (also in a forked child: one held at the fork stays held)."""
+        self._lock = threading.Lock()  # spans leave the queue only under it
         self._counts = threading.Lock()  # dropped and disposed: changed from several threads
         self._wake = threading.Event()
 
@@ -367,15 +371,18 @@ class QueueingSpanProcessor(SpanProcessor):
             self.force_flush(int(self.flush_timeout * 1000))
 
     def _drop_oldest(self) -> None:
-        """Make room for one more span in a full queue: the oldest go, counted."""
+        """Make room for one more span in a full queue."""
         with self._lock:
-            dropped = 0
-            while self._queue and len(self._queue) >= self.max_queue_size:
+            self._trim(self.max_queue_size - 1)
+
+    def _trim(self, keep: int) -> None:
+        """Drop the oldest spans beyond ``keep``, counted (call with ``_lock`` held)."""
+        over = len(self._queue) - max(0, keep)
+        if over > 0:
+            for _ in range(over):
                 self._queue.popleft()
-                dropped += 1
-            if dropped:
-                self._count_drop(dropped, "queue full")
-                self._add_disposed(dropped)
+            self._count_drop(over, "queue full")
+            self._add_disposed(over)
 
     def _wait_until_idle(self, condition: threading.Condition, busy: Callable[[], bool], deadline: float) -> bool:
         """Wake the worker and wait until the queue is empty and ``busy()`` is false; False at ``deadline``."""
@@ -446,8 +453,7 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
         self._init_threading()
 
     def _init_threading(self) -> None:
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
+        self._new_locks()
         self._idle = threading.Condition(threading.Lock())
         self._pending = 0  # spans taken off the queue but not yet written or spooled
         self._shutdown = False
@@ -478,12 +484,7 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
             return
         with self._lock:
             self._queue.extend(spans)
-            over = len(self._queue) - self.max_queue_size
-            for _ in range(max(0, over)):
-                self._queue.popleft()
-            if over > 0:
-                self._count_drop(over, "queue full")
-                self._add_disposed(over)
+            self._trim(self.max_queue_size)
         self._wake.set()
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:

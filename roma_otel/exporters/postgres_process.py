@@ -301,11 +301,9 @@ class PostgresProcessSpanProcessor(QueueingSpanProcessor):
             return
         self._queue = collections.deque()
         self._unacked = collections.deque()
-        self._lock = threading.Lock()
-        self._counts = threading.Lock()
+        self._new_locks()
         self._send_lock = threading.Lock()
         self._state = threading.Condition(threading.Lock())
-        self._wake = threading.Event()
         self._sending = 0  # a send in progress at the fork happened in the parent
         self._proc = None
         self._fallback = self._new_fallback(connect_early=False)

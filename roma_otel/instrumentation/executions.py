@@ -23,7 +23,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from roma_otel import semconv as sc
 from roma_otel import telemetry
 from roma_otel.context import _EXECUTION, _TASK, ExecutionContext, TaskScope
-from roma_otel.telemetry import Telemetry, mark_error
+from roma_otel.telemetry import Telemetry, enabled_context, mark_error
 
 __all__ = ["execution", "new_id", "task"]
 
@@ -206,7 +206,8 @@ def _begin(
         return active, None, None, None, None, None
 
     # Under suppress_instrumentation() the block still gets its ExecutionContext, but no telemetry.
-    tel = telemetry.ACTIVE if is_instrumentation_enabled() else None
+    current = enabled_context()
+    tel = telemetry.ACTIVE if current is not None else None
     if config_version is None and tel is not None:
         config_version = tel.config_version
     ctx = ExecutionContext(
@@ -222,9 +223,8 @@ def _begin(
     pending: dict[str, Any] | None = None
     # Set before the span starts, so a span processor's on_start finds the execution (see root_started).
     ex_token = _EXECUTION.set(ctx)
-    if tel is not None:
+    if tel is not None and current is not None:
         try:
-            current = otel_context.get_current()
             span, pending = tel.start_root_span(sc.SPAN_EXECUTION, ctx, current, execution_attributes, ctx)
             otel_token = otel_context.attach(trace.set_span_in_context(span, current))
         except Exception as exc:
