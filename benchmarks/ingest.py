@@ -72,11 +72,11 @@ def count(dsn: str) -> int:
         return conn.execute("SELECT count(*) FROM tool_invocation_traces").fetchone()[0]
 
 
-def ingest_writer(dsn: str, spans: list[Any], batch_size: int, process: bool, connections: int = 2) -> float:
+def ingest_writer(dsn: str, spans: list[Any], batch_size: int, process: bool) -> float:
     """Seconds from handing the first span to the writer until every row is committed."""
     kind = PostgresProcessSpanProcessor if process else PostgresSpanProcessor
     with tempfile.TemporaryDirectory() as spool:
-        writer = kind(dsn, batch_size=batch_size, spool_dir=spool, flush_interval=0.05, connections=connections)
+        writer = kind(dsn, batch_size=batch_size, spool_dir=spool, flush_interval=0.05)
         try:
             assert writer.force_flush(30_000)  # connected (the writer process has started and is waiting)
             start = time.perf_counter()
@@ -215,13 +215,11 @@ def app_overhead(dsn: str, calls: int, rounds: int) -> dict[str, dict[str, float
 
 def ingestion(dsn: str, args: argparse.Namespace) -> None:
     spans = make_spans(args.rows)
-    # The writers with their default two connections, and the writer process on one connection.
-    writers = {"thread": (False, 2), "process": (True, 2), "process, 1 connection": (True, 1)}
-    times: dict[str, list[float]] = {name: [] for name in writers} | {"copy": [], "insert": []}
+    times: dict[str, list[float]] = {"thread": [], "process": [], "copy": [], "insert": []}
     for _ in range(args.rounds):
-        for name, (process, connections) in writers.items():
+        for process in (False, True):
             reset(dsn)
-            times[name].append(ingest_writer(dsn, spans, args.batch_size, process, connections))
+            times["process" if process else "thread"].append(ingest_writer(dsn, spans, args.batch_size, process))
             assert count(dsn) == args.rows, count(dsn)
         reset(dsn)
         times["copy"].append(raw_copy(dsn, spans))
@@ -236,12 +234,10 @@ def ingestion(dsn: str, args: argparse.Namespace) -> None:
     print("|---|---:|")
     print(f"| roma-otel writer on a thread, span end → committed row | {rate['thread']:,.0f} |")
     print(f"| roma-otel writer process, span end → committed row | {rate['process']:,.0f} |")
-    print(f"| the same on one connection | {rate['process, 1 connection']:,.0f} |")
     print(f"| raw COPY of the same (pre-translated) rows | {rate['copy']:,.0f} |")
     print(f"| one INSERT per transaction ({args.insert_rows} rows) | {insert_rate:,.0f} |")
     print(f"\nwriter / raw COPY = {rate['thread'] / rate['copy']:.2f} on a thread, "
-          f"{rate['process'] / rate['copy']:.2f} as a process (target ≥ 0.8), "
-          f"{rate['process, 1 connection'] / rate['copy']:.2f} as a process on one connection")  # fmt: skip
+          f"{rate['process'] / rate['copy']:.2f} as a process (target ≥ 0.8)")  # fmt: skip
     print(f"writer / INSERT-per-transaction = {rate['process'] / insert_rate:.1f}")
 
 

@@ -53,7 +53,6 @@ ENV_VARS: dict[str, str] = {
     "ROMA_OTEL_PROMETHEUS_PORT": "observability.prometheus.port",
     "DATABASE_URL": "storage.postgres.connection_url",
     "ROMA_OTEL_POSTGRES_WRITER_PROCESS": "storage.postgres.writer_process",
-    "ROMA_OTEL_POSTGRES_WRITER_CONNECTIONS": "storage.postgres.writer_connections",
     "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT": "observability.content_capture.enabled",
 }
 
@@ -248,9 +247,6 @@ class PostgresConfig(_Section):
     # every system call of every transaction, so it falls behind a busy application and costs it more CPU
     # per call (BENCHMARKS.md, the Postgres writer); it ingests a bulk load faster.
     writer_process: bool = _leaf(True, "bool")
-    # Connections the writer keeps a transaction in flight on at once: with two, Postgres works on one
-    # batch through the other's round trips (BENCHMARKS.md, the Postgres writer).
-    writer_connections: int = _leaf(2, "int", 1, 16)
 
     def _check_related(self, name: str, value: Any) -> None:
         # Read __dict__, not getattr: during __init__ getattr would see the class-level default of a bound

@@ -188,7 +188,7 @@ def test_env_overrides_yaml(tmp_path: Path) -> None:
 
 def test_every_env_var_is_applied() -> None:
     # Catches a table entry whose dotted key no longer resolves or is silently skipped.
-    assert len(ENV_VARS) == 16
+    assert len(ENV_VARS) == 15
     samples = {"int": "1234", "float": "0.5"}
     for name, dotted in ENV_VARS.items():
         section_path, leaf = dotted.rsplit(".", 1)
@@ -197,8 +197,6 @@ def test_every_env_var_is_applied() -> None:
         default = resolve(default_config(), dotted)
         # Booleans get the opposite of their default so the override is observable.
         raw = str(not default).lower() if spec.kind == "bool" else samples.get(spec.kind, "abc")
-        if spec.kind == "int" and spec.hi is not None and int(raw) > spec.hi:
-            raw = str(int(spec.hi))  # the largest allowed value, still unlike the default
         cfg = load_config(env={name: raw})
         assert resolve(cfg, dotted) == spec.coerce(raw, name, from_env=True), name
         assert resolve(cfg, dotted) != resolve(default_config(), dotted), name
@@ -233,7 +231,6 @@ def test_explicit_path_beats_config_path_env(tmp_path: Path) -> None:
         ("TOOLKIT_SAMPLE_RATE", "nan", "between 0.0 and 1.0"),
         ("ROMA_OTEL_PROMETHEUS_PORT", "70000", "between 0 and 65535"),
         ("ROMA_OTEL_PROMETHEUS_PORT", "80.5", "integer"),
-        ("ROMA_OTEL_POSTGRES_WRITER_CONNECTIONS", "0", "between 1 and 16"),
     ],
 )
 def test_env_errors_name_the_variable(name: str, raw: str, allowed: str) -> None:
@@ -509,6 +506,5 @@ def test_to_dict_round_trip(tmp_path: Path) -> None:
         "pool_min_size": 1,
         "pool_max_size": 10,
         "writer_process": True,
-        "writer_connections": 2,
     }
     assert config_from_dict(json.loads(json.dumps(data))) == cfg

@@ -303,12 +303,10 @@ class QueueingSpanProcessor(SpanProcessor):
         persist_toolkit: bool = True,
         async_persist: bool = True,
         flush_timeout: float = 10.0,
-        connections: int = 2,
         on_drop: Any = None,
     ) -> None:
         self.dsn = dsn
         self.batch_size = max(1, batch_size)
-        self.connections = max(1, connections)  # transactions in flight at once (see _Lane)
         self._wake_at = self.batch_size  # queued spans that wake the worker before flush_interval is up
         self.flush_interval = flush_interval
         self.max_queue_size = max_queue_size
@@ -343,7 +341,6 @@ class QueueingSpanProcessor(SpanProcessor):
             "persist_toolkit": self.persist_toolkit,
             "async_persist": self.async_persist,
             "flush_timeout": self.flush_timeout,
-            "connections": self.connections,
         }
 
     @property
@@ -457,12 +454,10 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
 
     def _init_threading(self) -> None:
         self._new_locks()
-        self._known_lock = threading.Lock()  # _known_executions: read and updated by every lane
         self._idle = threading.Condition(threading.Lock())
         self._pending = 0  # spans taken off the queue but not yet written or spooled
         self._shutdown = False
         self._conn = None
-        self._lanes: list[_Lane] = []  # made at the first batch that can use one (also after a fork)
         if self._threaded:
             self._worker = threading.Thread(target=self._run, name="roma-otel-postgres", daemon=True)
             self._worker.start()
@@ -499,7 +494,7 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
         if not self._threaded:
             while self._queue and time.monotonic() < deadline:
                 self._drain()
-            return self._wait_lanes(deadline) and not self._queue
+            return not self._queue
         return self._wait_until_idle(self._idle, lambda: self._pending > 0, deadline)
 
     def shutdown(self) -> None:
@@ -510,14 +505,16 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
         self._wake.set()
         if self._worker is not None:
             self._worker.join(self.flush_timeout)
-        for lane in self._lanes:
-            lane.close(self.flush_timeout)
         # Whatever could not be written in time goes to the spool: a clean shutdown loses nothing.
         leftover = self._take(len(self._queue))
         if leftover or self._nodes:
             self._spool(self._translate(leftover))
         self._add_disposed(len(leftover))
-        _close(self._conn)
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:
+                pass
 
     # --- worker ---------------------------------------------------------------------------------------
     def _take(self, n: int) -> list[ReadableSpan]:
@@ -559,23 +556,10 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
         current = self._take_translated()
         while current is not None:
             items, batch, payload = current
-            if batch.finals:  # completes executions: only once every row written before it is committed
-                self._wait_lanes(time.monotonic() + self.flush_timeout)
-            if time.monotonic() < self._retry_at:  # a lane's write failed: keep the order, spool the rest
-                self._spool_taken(current)
-                self._spool_queue()
-                return
-            lane = None if batch.finals or not (batch.executions or len(batch)) else self._idle_lane()
-            if lane is not None:
-                lane.submit(items, batch, payload)
-                upcoming: list[tuple[list[ReadableSpan], Batch, CopyPayload] | None] = []
-                self._prefetch(upcoming)
-                current = upcoming[0]
-                continue
             # Translate the next transaction while Postgres still indexes this one's rows (called after
             # the last COPY write, before the wait for the end of COPY and the commit), so Postgres is
             # never left waiting for Python between transactions.
-            upcoming = []
+            upcoming: list[tuple[list[ReadableSpan], Batch, CopyPayload] | None] = []
             prefetch = functools.partial(self._prefetch, upcoming)
             try:
                 ok = not (batch.executions or len(batch)) or self._write_or_spool(batch, prefetch, payload)
@@ -586,36 +570,13 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
                     self.after_transaction()
             current = upcoming[0]
             if not ok:
-                self._spool_taken(current)  # already taken off the queue: spooled with the rest
+                if current is not None:  # already taken off the queue: spool it with the rest
+                    try:
+                        self._spool(current[1])
+                    finally:
+                        self._done(len(current[0]))
                 self._spool_queue()
                 return
-
-    def _spool_taken(self, taken: tuple[list[ReadableSpan], Batch, CopyPayload] | None) -> None:
-        if taken is not None:
-            try:
-                self._spool(taken[1])
-            finally:
-                self._done(len(taken[0]))
-
-    def _idle_lane(self) -> _Lane | None:
-        """A lane with no transaction in flight, or None (write on the worker's own connection)."""
-        if self.connections < 2:
-            return None
-        if not self._lanes:
-            self._lanes = [_Lane(self, i) for i in range(1, self.connections)]
-        for lane in self._lanes:
-            if not lane.busy:
-                return lane
-        return None
-
-    @property
-    def in_flight(self) -> bool:
-        """True while a lane has a transaction in flight."""
-        return any([lane.busy for lane in self._lanes])
-
-    def _wait_lanes(self, deadline: float) -> bool:
-        """Wait until no lane has a transaction in flight; False at ``deadline``."""
-        return all([lane.wait(deadline) for lane in self._lanes])
 
     def _prefetch(self, into: list[tuple[list[ReadableSpan], Batch, CopyPayload] | None]) -> None:
         if not into:  # once per transaction, also when a duplicate makes the batch go again
@@ -654,47 +615,40 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
                 self._done(len(items))
 
     def _write_or_spool(
-        self,
-        batch: Batch,
-        before_end: Callable[[], None] | None = None,
-        payload: CopyPayload | None = None,
-        lane: _Lane | None = None,
+        self, batch: Batch, before_end: Callable[[], None] | None = None, payload: CopyPayload | None = None
     ) -> bool:
         try:
-            self._write(batch, before_end, payload, lane)
+            self._write(batch, before_end, payload)
         except Exception as exc:
-            self._failed(exc, lane)
+            self._failed(exc)
             self._spool(batch)
             return False
         self._backoff = 0.0
         return True
 
-    def _failed(self, exc: Exception, lane: _Lane | None = None) -> None:
+    def _failed(self, exc: Exception) -> None:
         self._backoff = min(30.0, self._backoff * 2 or 0.5)
         self._retry_at = time.monotonic() + self._backoff
         logger.warning(
             "roma-otel: postgres write failed (%s); retrying in %.1fs, spooling meanwhile", exc, self._backoff
         )
-        holder = self if lane is None else lane
-        conn, holder._conn = holder._conn, None
-        _close(conn)
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:
+                pass
+            self._conn = None
 
     # --- database -------------------------------------------------------------------------------------
-    def _connection(self, lane: _Lane | None = None) -> Any:
-        """The worker's own connection, or ``lane``'s."""
-        holder = self if lane is None else lane
-        if holder._conn is None or holder._conn.closed:
+    def _connection(self) -> Any:
+        if self._conn is None or self._conn.closed:
             import psycopg
 
-            holder._conn = psycopg.connect(self.dsn, connect_timeout=5, autocommit=True)  # see _write_once
-        return holder._conn
+            self._conn = psycopg.connect(self.dsn, connect_timeout=5, autocommit=True)  # see _write_once
+        return self._conn
 
     def _write(
-        self,
-        batch: Batch,
-        before_end: Callable[[], None] | None = None,
-        payload: CopyPayload | None = None,
-        lane: _Lane | None = None,
+        self, batch: Batch, before_end: Callable[[], None] | None = None, payload: CopyPayload | None = None
     ) -> None:
         """Write one batch in one transaction: COPY straight into the tables when none of its rows is
         there yet (the normal case), else, after the unique index refuses a duplicate (a retried or
@@ -702,15 +656,13 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
         from psycopg import errors
 
         try:
-            self._write_once(batch, fast=True, before_end=before_end, payload=payload, lane=lane)
+            self._write_once(batch, fast=True, before_end=before_end, payload=payload)
         except (errors.UniqueViolation, errors.ForeignKeyViolation):
             # A duplicate, or (rarely) an execution row gone since this writer committed it: forget
             # what this writer believes exists and write the batch the safe way.
-            with self._known_lock:
-                self._known_executions.clear()
-            self._write_once(batch, fast=False, lane=lane)
-        with self._counts:
-            self.written_rows += len(batch)
+            self._known_executions.clear()
+            self._write_once(batch, fast=False)
+        self.written_rows += len(batch)
 
     def _write_once(
         self,
@@ -719,18 +671,14 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
         fast: bool,
         before_end: Callable[[], None] | None = None,
         payload: CopyPayload | None = None,
-        lane: _Lane | None = None,
     ) -> None:
         """``before_end`` runs once the last COPY data is sent, while Postgres is still working on it.
-        ``payload``: the batch's ``copy_payload``, when it was formatted ahead. ``lane``: whose
-        connection to write on (None: the worker's own)."""
-        conn = self._connection(lane)
+        ``payload``: the batch's ``copy_payload``, when it was formatted ahead."""
+        conn = self._connection()
         known = self._known_executions
         # Parents first: every row's execution exists before its children arrive (they end first).
         # The COPY path skips executions this writer already committed (a run writes many batches).
-        # Sorted: two connections inserting the same new executions lock them in one order (no deadlock).
-        with self._known_lock:
-            first_seen = [row for eid, row in sorted(batch.executions.items()) if not fast or eid not in known]
+        first_seen = [row for eid, row in batch.executions.items() if not fast or eid not in known]
         copies = (payload if payload is not None else copy_payload(batch)) if fast else []
         # One COPY and nothing else (the usual batch: one table's rows, executions already written) is a
         # transaction by itself in autocommit mode: no BEGIN and COMMIT round trips. Each round trip
@@ -752,11 +700,10 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
                         cur.execute(statement, (_ENCODER.encode(rows),))
             if batch.finals:
                 cur.execute(_EXECUTIONS_FINAL, (_ENCODER.encode(batch.finals),))
-        with self._known_lock:
-            for execution_id in batch.executions:  # committed
-                known[execution_id] = None
-            while len(known) > _MAX_OPEN_EXECUTIONS:
-                del known[next(iter(known))]
+        for execution_id in batch.executions:  # committed
+            known[execution_id] = None
+        while len(known) > _MAX_OPEN_EXECUTIONS:
+            del known[next(iter(known))]
 
     # --- spool ----------------------------------------------------------------------------------------
     def _spool_files(self) -> list[Path]:
@@ -775,10 +722,8 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
             if used + len(data) > self.max_spool_bytes:
                 self._count_drop(max(1, len(batch)), "spool full")
                 return
-            with self._counts:
-                self._spool_seq += 1
-                seq = self._spool_seq
-            name = f"batch-{time.time_ns():020d}-{os.getpid()}-{seq:06d}.json"
+            self._spool_seq += 1
+            name = f"batch-{time.time_ns():020d}-{os.getpid()}-{self._spool_seq:06d}.json"
             tmp = self.spool_dir / (name + ".tmp")
             tmp.write_bytes(data)
             tmp.replace(self.spool_dir / name)  # atomic: a crash never leaves half a batch to replay
@@ -791,11 +736,7 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
         now = time.monotonic()
         if now < self._spool_check_at:
             return True
-        files = self._spool_files()
-        if files:  # a lane may be spooling its batch: the files are in order only once it has finished
-            self._wait_lanes(now + self.flush_timeout)
-            files = self._spool_files()
-        for path in files:
+        for path in self._spool_files():
             try:
                 batch = Batch.from_json(json.loads(path.read_bytes()))
             except (OSError, ValueError) as exc:
@@ -811,84 +752,3 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
             self._backoff = 0.0
         self._spool_check_at = now + _SPOOL_RESCAN
         return True
-
-
-def _close(conn: Any) -> None:
-    if conn is not None:
-        try:
-            conn.close()
-        except Exception:
-            pass
-
-
-class _Lane:
-    """One more connection to Postgres, with a thread that writes the batches the worker hands it.
-
-    On one connection, Postgres idles through every round trip of every transaction (starting the
-    COPY, ending it, and the worker's own work between two), and the worker idles while Postgres
-    works. The worker hands a batch to a lane with no transaction in flight, else writes it itself,
-    so one connection's round trips overlap another's work. A batch that completes executions waits
-    until no lane has a transaction in flight: an execution is marked complete only once every row
-    written before it is committed. A failed write spools its batch and sets the writer's backoff,
-    after which the worker spools everything behind it, in order, as with one connection.
-    """
-
-    def __init__(self, writer: PostgresSpanProcessor, index: int) -> None:
-        self._writer = writer
-        self._conn: Any = None
-        self._job: tuple[list[ReadableSpan], Batch, CopyPayload] | None = None
-        self._busy = False
-        self._stop = False
-        self._cond = threading.Condition(threading.Lock())
-        self.batches = 0  # written through this lane
-        self._thread = threading.Thread(target=self._run, name=f"roma-otel-postgres-{index}", daemon=True)
-        self._thread.start()
-
-    @property
-    def busy(self) -> bool:
-        return self._busy
-
-    def submit(self, items: list[ReadableSpan], batch: Batch, payload: CopyPayload) -> None:
-        with self._cond:
-            self._job = (items, batch, payload)
-            self._busy = True
-            self._cond.notify_all()
-
-    def wait(self, deadline: float) -> bool:
-        """Wait until this lane has no transaction in flight; False at ``deadline``."""
-        with self._cond:
-            while self._busy:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._cond.wait(remaining)
-        return True
-
-    def close(self, timeout: float) -> None:
-        with self._cond:
-            self._stop = True
-            self._cond.notify_all()
-        self._thread.join(timeout)
-        conn, self._conn = self._conn, None
-        _close(conn)
-
-    def _run(self) -> None:
-        otel_context.attach(otel_context.set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))  # as the worker's
-        while True:
-            with self._cond:
-                while self._job is None and not self._stop:
-                    self._cond.wait()
-                if self._job is None:
-                    return
-                items, batch, payload = self._job
-                self._job = None
-            try:
-                if self._writer._write_or_spool(batch, payload=payload, lane=self):
-                    self.batches += 1
-            except Exception as exc:  # never let the lane die
-                logger.warning("roma-otel: postgres writer error: %r", exc, exc_info=exc)
-            finally:
-                self._writer._done(len(items))
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()

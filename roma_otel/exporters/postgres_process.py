@@ -662,8 +662,8 @@ def _child_main() -> int:
         if inbox.head() is None:  # wait for more, but no longer than the queued spans may wait to be written
             due = writer.flush_interval - (time.monotonic() - last_write)
             timeout = max(0.0, due) if writer._queue else 1.0
-            if (writer.disposed, writer.written_rows) != reported or writer.in_flight:
-                timeout = min(timeout, _REPORT_INTERVAL)  # a throttled report, or a lane's, is still to go out
+            if (writer.disposed, writer.written_rows) != reported:  # a throttled report is still to go out
+                timeout = min(timeout, _REPORT_INTERVAL)
             inbox.receive(timeout)
             report(False)
         take_arrived()

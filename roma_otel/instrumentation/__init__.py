@@ -119,7 +119,6 @@ class RomaInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             batch_size=tm.batch_size,
             persist_toolkit=tm.enabled and tm.persist_to_db,
             async_persist=tm.async_persist,
-            connections=pg.writer_connections,
             on_drop=lambda n, reason: tel.persistence_dropped.add(n, {"bridge": "postgres", "reason": reason}),
         )
         provider.add_span_processor(processor)
