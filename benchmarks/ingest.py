@@ -147,7 +147,34 @@ APP_CONFIGS = ("writer off", "writer on, thread", "writer on, process")
 APP_METRICS = ("wall", "thread", "cpu", "backlog")
 
 
-def app_overhead(dsn: str, calls: int, rounds: int) -> dict[str, dict[str, float]]:
+def _server_pids() -> list[int]:
+    """PostgreSQL server processes on this machine (the benchmark's own cluster, or a local one)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "comm").read_text().startswith("postgres"):
+                pids.append(int(entry.name))
+        except OSError:
+            pass
+    return pids
+
+
+_CPUS = sorted(os.sched_getaffinity(0))  # before any pinning
+
+
+def _pin(writer: Any) -> None:
+    """The application on the first CPU; Postgres and the writer's child process on the last one."""
+    last = {_CPUS[-1]}
+    os.sched_setaffinity(0, {_CPUS[0]})
+    child = getattr(writer, "_proc", None)
+    for pid in _server_pids() + ([child.pid] if child is not None else []):
+        try:
+            os.sched_setaffinity(pid, last)
+        except OSError:  # gone, or not ours to move
+            pass
+
+
+def app_overhead(dsn: str, calls: int, rounds: int, pin: bool = False) -> dict[str, dict[str, float]]:
     """Per configuration, interleaved round by round, medians of:
 
     - ``wall``: µs per instrumented tool call on the application thread, during the loop;
@@ -165,6 +192,9 @@ def app_overhead(dsn: str, calls: int, rounds: int) -> dict[str, dict[str, float
 
     Every configuration exports its spans through a BatchSpanProcessor (as any real set-up does), so
     "writer off" pays the SDK's per-span export hand-over too and the difference is the writer's alone.
+    ``pin``: every configuration runs with the application's threads on the first CPU and the Postgres
+    server and the writer's child process on the last, as where the database has a host of its own and the
+    writer a spare core (by default they all share every core with the application).
     One MeterProvider serves every round and is collected after each measurement (a scrape), so queued
     histogram values never pile up into a later measurement.
     """
@@ -185,6 +215,8 @@ def app_overhead(dsn: str, calls: int, rounds: int) -> dict[str, dict[str, float
             inst = roma_otel.RomaInstrumentor()
             inst.instrument(tracer_provider=provider, meter_provider=meter_provider, config=config)
             writer = inst._postgres
+            if pin:
+                _pin(writer)
             try:
                 with roma_otel.execution("overhead"):
                     for i in range(100):
@@ -250,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--app-calls", type=int, default=10_000, help="tool calls per app-thread measurement")
     parser.add_argument("--app-rounds", type=int, default=9)
     parser.add_argument("--skip-ingest", action="store_true", help="only the application-thread comparison")
+    parser.add_argument(
+        "--pin", action="store_true", help="application on the first CPU; Postgres and the writer's child on the last"
+    )
     parser.add_argument("--dsn")
     args = parser.parse_args(argv)
 
@@ -269,10 +304,14 @@ def main(argv: list[str] | None = None) -> int:
         upgrade(dsn)
         if not args.skip_ingest:
             ingestion(dsn, args)
-        app = app_overhead(dsn, args.app_calls, args.app_rounds)
+        if args.pin and len(_CPUS) < 2:
+            print("--pin needs two CPUs", file=sys.stderr)
+            return 2
+        app = app_overhead(dsn, args.app_calls, args.app_rounds, args.pin)
         wall, thread, cpu, backlog = app["wall"], app["thread"], app["cpu"], app["backlog"]
+        pinned = "; application on the first CPU, Postgres and the writer's child on the last" if args.pin else ""
         print(f"\napplication, one instrumented tool call inside an execution (medians over {args.app_rounds} rounds "
-              f"of {args.app_calls} calls; target: writer on ≤ 1.1 × writer off):")  # fmt: skip
+              f"of {args.app_calls} calls; target: writer on ≤ 1.1 × writer off{pinned}):")  # fmt: skip
         print("| configuration | loop µs/call | × off | application thread CPU µs/call | × off | "
               "spans still queued at the loop's end | "
               "process CPU µs/call, loop + writer catching up | × off |")  # fmt: skip
