@@ -163,9 +163,8 @@ _CPUS = sorted(os.sched_getaffinity(0))  # before any pinning
 
 
 def _pin(writer: Any) -> None:
-    """The application on the first CPU; Postgres and the writer's child process on the last one."""
+    """Postgres and the writer's child process on the last CPU (the application is on the first)."""
     last = {_CPUS[-1]}
-    os.sched_setaffinity(0, {_CPUS[0]})
     child = getattr(writer, "_proc", None)
     for pid in _server_pids() + ([child.pid] if child is not None else []):
         try:
@@ -203,6 +202,8 @@ def app_overhead(dsn: str, calls: int, rounds: int, pin: bool = False) -> dict[s
     reader = InMemoryMetricReader()
     meter_provider = MeterProvider(metric_readers=[reader])
     order = list(APP_CONFIGS)
+    if pin:  # before any thread of the measurement starts: threads inherit their creator's CPUs
+        os.sched_setaffinity(0, {_CPUS[0]})
     for round_ in range(rounds):
         for name in order[round_ % len(order) :] + order[: round_ % len(order)]:  # rotate who goes first
             provider = TracerProvider()
