@@ -147,14 +147,15 @@ APP_CONFIGS = ("writer off", "writer on, thread", "writer on, process")
 APP_METRICS = ("wall", "thread", "cpu", "backlog")
 
 
-def _server_pids() -> list[int]:
-    """PostgreSQL server processes on this machine (the benchmark's own cluster, or a local one)."""
-    pids = []
+def _server_pids(data_dir: Path) -> list[int]:
+    """The processes of the benchmark's own cluster: its postmaster and the postmaster's children."""
+    postmaster = int((data_dir / "postmaster.pid").read_text().split()[0])
+    pids = [postmaster]
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and (entry / "comm").read_text().startswith("postgres"):
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == postmaster:
                 pids.append(int(entry.name))
-        except OSError:
+        except (OSError, ValueError, IndexError):
             pass
     return pids
 
@@ -162,18 +163,18 @@ def _server_pids() -> list[int]:
 _CPUS = sorted(os.sched_getaffinity(0))  # before any pinning
 
 
-def _pin(writer: Any) -> None:
+def _pin(writer: Any, data_dir: Path) -> None:
     """Postgres and the writer's child process on the last CPU (the application is on the first)."""
     last = {_CPUS[-1]}
     child = getattr(writer, "_proc", None)
-    for pid in _server_pids() + ([child.pid] if child is not None else []):
+    for pid in _server_pids(data_dir) + ([child.pid] if child is not None else []):
         try:
             os.sched_setaffinity(pid, last)
         except OSError:  # gone, or not ours to move
             pass
 
 
-def app_overhead(dsn: str, calls: int, rounds: int, pin: bool = False) -> dict[str, dict[str, float]]:
+def app_overhead(dsn: str, calls: int, rounds: int, pin: Path | None = None) -> dict[str, dict[str, float]]:
     """Per configuration, interleaved round by round, medians of:
 
     - ``wall``: µs per instrumented tool call on the application thread, during the loop;
@@ -191,9 +192,10 @@ def app_overhead(dsn: str, calls: int, rounds: int, pin: bool = False) -> dict[s
 
     Every configuration exports its spans through a BatchSpanProcessor (as any real set-up does), so
     "writer off" pays the SDK's per-span export hand-over too and the difference is the writer's alone.
-    ``pin``: every configuration runs with the application's threads on the first CPU and the Postgres
-    server and the writer's child process on the last, as where the database has a host of its own and the
-    writer a spare core (by default they all share every core with the application).
+    ``pin`` (the benchmark's cluster's data directory): every configuration runs with the application's
+    threads on the first CPU and that Postgres server and the writer's child process on the last, as where
+    the database has a host of its own and the writer a spare core (by default they all share every core
+    with the application).
     One MeterProvider serves every round and is collected after each measurement (a scrape), so queued
     histogram values never pile up into a later measurement.
     """
@@ -202,7 +204,7 @@ def app_overhead(dsn: str, calls: int, rounds: int, pin: bool = False) -> dict[s
     reader = InMemoryMetricReader()
     meter_provider = MeterProvider(metric_readers=[reader])
     order = list(APP_CONFIGS)
-    if pin:  # before any thread of the measurement starts: threads inherit their creator's CPUs
+    if pin is not None:  # before any thread of the measurement starts: threads inherit their creator's CPUs
         os.sched_setaffinity(0, {_CPUS[0]})
     for round_ in range(rounds):
         for name in order[round_ % len(order) :] + order[: round_ % len(order)]:  # rotate who goes first
@@ -216,8 +218,8 @@ def app_overhead(dsn: str, calls: int, rounds: int, pin: bool = False) -> dict[s
             inst = roma_otel.RomaInstrumentor()
             inst.instrument(tracer_provider=provider, meter_provider=meter_provider, config=config)
             writer = inst._postgres
-            if pin:
-                _pin(writer)
+            if pin is not None:
+                _pin(writer, pin)
             try:
                 with roma_otel.execution("overhead"):
                     for i in range(100):
@@ -288,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dsn")
     args = parser.parse_args(argv)
+    if args.pin and (args.dsn is not None or len(_CPUS) < 2):
+        print("--pin needs two CPUs and the benchmark's own cluster (no --dsn)", file=sys.stderr)
+        return 2
 
     server = None
     dsn = args.dsn
@@ -305,10 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         upgrade(dsn)
         if not args.skip_ingest:
             ingestion(dsn, args)
-        if args.pin and len(_CPUS) < 2:
-            print("--pin needs two CPUs", file=sys.stderr)
-            return 2
-        app = app_overhead(dsn, args.app_calls, args.app_rounds, args.pin)
+        app = app_overhead(dsn, args.app_calls, args.app_rounds, server.data if args.pin and server else None)
         wall, thread, cpu, backlog = app["wall"], app["thread"], app["cpu"], app["backlog"]
         pinned = "; application on the first CPU, Postgres and the writer's child on the last" if args.pin else ""
         print(f"\napplication, one instrumented tool call inside an execution (medians over {args.app_rounds} rounds "
