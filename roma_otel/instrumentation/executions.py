@@ -17,7 +17,6 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from roma_otel import semconv as sc
@@ -288,7 +287,8 @@ class task:
         span: Span | None = None
         otel_token: object = None
         tel = telemetry.ACTIVE
-        if tel is not None and self._make_span and is_instrumentation_enabled() and not tel.skip_span():
+        current = enabled_context() if tel is not None and self._make_span else None
+        if tel is not None and current is not None and not tel.skip_span(current):
             try:
                 attrs: dict[str, Any] = {sc.TASK_ID: scope.task_id, sc.TASK_DEPTH: depth}
                 if ctx is not None:
@@ -297,8 +297,8 @@ class task:
                     attrs[sc.TASK_GOAL] = self.goal[:_MAX_TASK_TEXT]
                 if self.agent_type is not None:
                     attrs[sc.TASK_AGENT_TYPE] = self.agent_type
-                span = tel.start_span(sc.SPAN_TASK, SpanKind.INTERNAL, attrs)
-                otel_token = otel_context.attach(trace.set_span_in_context(span))
+                span = tel.start_span(sc.SPAN_TASK, SpanKind.INTERNAL, attrs, current)
+                otel_token = otel_context.attach(trace.set_span_in_context(span, current))
             except Exception as exc:
                 tel.internal_error("task.start", exc)
         self._state = (_TASK.set(scope), span, otel_token)
