@@ -30,6 +30,7 @@ from roma_otel.api import create_app
 from roma_otel.cli import build_parser, main
 from roma_otel.storage.migrate import upgrade
 from roma_otel.storage.postgres import PostgresStorage
+from tests.pgserver import own_migrated_server
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = datetime(2025, 3, 14, 9, 0, tzinfo=UTC)
@@ -304,6 +305,26 @@ def test_health_503_when_schema_missing_then_recovers(pg_dsn: str) -> None:
         assert get_json(client, "/executions/exec_a")["execution_id"] == "exec_a"
 
 
+def test_database_outage_answers_503_with_the_cause_then_recovers() -> None:
+    with own_migrated_server() as server:
+        populate(server.dsn)
+        with client_for(create_app(server.dsn)) as client:
+            assert get_json(client, "/executions")["count"] == 3
+            server.halt()
+            assert client.get("/executions").status_code == 503  # the pool finds its connection gone
+            # Later requests connect directly, and say why, instead of waiting on the pool's backoff.
+            for path in ("/executions/exec_a", "/executions/exec_a/tool-invocations"):
+                response = client.get(path)
+                assert response.status_code == 503
+                assert "refused" in response.json()["detail"].lower(), response.text
+            health = client.get("/health")
+            assert health.status_code == 503 and "refused" in health.json()["database"].lower(), health.text
+            server.resume()
+            # The first request after the server is back already succeeds.
+            assert get_json(client, "/health") == {"status": "ok", "database": "ok"}
+            assert get_json(client, "/executions/exec_a/tool-invocations")["count"] == len(CALLS_A)
+
+
 def test_lifespan_closes_given_storage(seeded: Seeded) -> None:
     storage = PostgresStorage(seeded.dsn)
     with client_for(create_app(storage)) as client:
@@ -554,6 +575,25 @@ def test_tool_invocations_filters_and_limit(api: httpx.Client, seeded: Seeded) -
     assert [t["trace_id"] for t in get_json(api, path, {"limit": 3})["traces"]] == ids[:3]
     other = get_json(api, "/executions/exec_b/tool-invocations")
     assert [t["duration_ms"] for t in other["traces"]] == [999.0]
+
+
+def test_empty_query_values_mean_not_given(api: httpx.Client, seeded: Seeded) -> None:
+    # The endpoint templates as written (and forms with empty fields): no filter, the default limit.
+    body = get_json(api, "/executions/exec_a/toolkit-traces?operation=&toolkit_class=&limit=")
+    assert [t["trace_id"] for t in body["traces"]] == seeded.toolkit_ids["exec_a"]
+    body = get_json(api, "/executions/exec_a/tool-invocations?toolkit_class=&tool_name=&limit=")
+    assert [t["trace_id"] for t in body["traces"]] == seeded.call_ids["exec_a"]
+    body = get_json(api, "/executions/exec_a/tool-invocations?toolkit_class=SerperToolkit&tool_name=")
+    assert body["count"] == sum(1 for c in CALLS_A if c[0] == "SerperToolkit")
+    assert get_json(api, "/executions?limit=&offset=&status=")["count"] == 3
+    assert get_json(api, "/executions/exec_a/lm-traces?module=&limit=2")["count"] == 2
+    # The values that are kept reach the filters byte for byte (UTF-8 percent escapes included).
+    with psycopg.connect(seeded.dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO executions (execution_id, status) VALUES ('exec_é', 'terminé')")
+    body = get_json(api, "/executions?status=termin%C3%A9&limit=")
+    assert [e["execution_id"] for e in body["executions"]] == ["exec_é"]
+    # A value that is present but wrong is still refused.
+    assert api.get("/executions/exec_a/toolkit-traces?operation=delete&limit=").status_code == 422
 
 
 # --- costs and LM traces ----------------------------------------------------------------------------

@@ -121,6 +121,35 @@ def test_demo_async_path(capsys) -> None:
     assert main(["demo", "--port", "0", "--async", "--max-depth", "1", "--no-postgres"]) == 0
     out = capsys.readouterr().out
     assert "Status: completed" in out and "executor" in out
+    # Tasks finish concurrently here; each progress line is still a line of its own.
+    done = re.findall(r"^  [✓✗] task done \[depth \d\] .*\(\d+ ms\)$", out, re.M)
+    assert len(done) == out.count("task done") > 1
+
+
+def test_progress_line_is_one_write() -> None:
+    import io
+
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from roma_otel import semconv as sc
+    from roma_otel.demo.run import _Progress
+
+    class Recording(io.StringIO):
+        def __init__(self) -> None:
+            super().__init__()
+            self.writes: list[str] = []
+
+        def write(self, text: str) -> int:
+            self.writes.append(text)
+            return super().write(text)
+
+    out = Recording()
+    provider = TracerProvider()
+    provider.add_span_processor(_Progress(out))
+    with provider.get_tracer("t").start_as_current_span(sc.SPAN_TASK, attributes={sc.TASK_DEPTH: 1, sc.TASK_GOAL: "g"}):
+        pass
+    # One write holding the whole line: another thread's line cannot land between the text and its newline.
+    assert len(out.writes) == 1 and re.fullmatch(r"  ✓ task done \[depth 1\] g \(\d+ ms\)\n", out.writes[0])
 
 
 def test_demo_keeps_serving_for_scrapes(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from roma_otel.exporters.postgres import PostgresSpanProcessor
 from roma_otel.storage.migrate import upgrade
 from roma_otel.storage.rows import LM, TOOL, classify, to_batch
 from tests.conftest import answer_lm
-from tests.pgserver import PostgresServer, find_bindir, wait_ready
+from tests.pgserver import own_migrated_server, wait_ready
 
 
 @roma_otel.toolkit
@@ -185,12 +185,7 @@ def test_persist_to_db_false_keeps_toolkit_rows_out(make_tel, migrated: str) -> 
 
 
 def test_server_outage_spools_and_replays_in_order(make_tel, tmp_path: Path) -> None:
-    bindir = find_bindir()
-    assert bindir is not None, "PostgreSQL server binaries are needed (scripts/setup.sh installs them)"
-    server = PostgresServer(bindir).start()
-    try:
-        wait_ready(server.dsn)
-        upgrade(server.dsn)
+    with own_migrated_server() as server:
         config = writer_config(server.dsn)
         config.storage.postgres.writer_process = False  # the writer engine itself (the process runs the same)
         tel = make_tel(config)
@@ -217,8 +212,6 @@ def test_server_outage_spools_and_replays_in_order(make_tel, tmp_path: Path) -> 
         assert {first, *during} <= persisted
         assert rows(server.dsn, "SELECT count(*) FROM lm_traces")[0][0] == 2 * 4
         assert writer.dropped == 0
-    finally:
-        server.stop()
 
 
 def test_clean_shutdown_with_the_database_down_loses_nothing(tel, tmp_path: Path, migrated: str) -> None:

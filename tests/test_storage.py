@@ -936,6 +936,31 @@ def test_config_object_and_reuse_after_close(dsn: str) -> None:
     assert record is not None and record.execution_id == "exec_123"
 
 
+def test_server_outage_fails_with_the_cause_then_recovers_without_initialize() -> None:
+    from tests.pgserver import own_migrated_server
+
+    with own_migrated_server() as server:
+
+        async def main() -> None:
+            storage = PostgresStorage(server.dsn, wait_timeout=2)
+            await storage.initialize()
+            assert await storage.list_executions() == []
+            server.halt()
+            with pytest.raises(StorageUnavailableError):
+                await storage.list_executions()  # the pool notices: its connection is gone
+            # The pool was dropped, so the next query connects directly and names the cause.
+            with pytest.raises(StorageUnavailableError, match=r"(?i)refused"):
+                await storage.get_execution("exec_1")
+            server.resume()
+            # Back: the very next query works, with no initialize() from the caller.
+            assert await storage.list_executions() == []
+            await storage.close()
+            with pytest.raises(RuntimeError, match="initialize"):
+                await storage.list_executions()  # closed on purpose: not silently reopened
+
+        asyncio.run(main())
+
+
 def test_config_errors() -> None:
     with pytest.raises(ValueError, match="connection_url"):
         PostgresStorage(PostgresConfig())

@@ -13,6 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
+from urllib.parse import parse_qsl, urlencode
 
 from fastapi import FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,6 +30,7 @@ __all__ = [
     "OPEN_PATHS",
     "TOKEN_ENV",
     "BearerAuthMiddleware",
+    "BlankQueryMiddleware",
     "DatabaseUnavailableError",
     "create_app",
 ]
@@ -39,8 +41,8 @@ TOKEN_ENV = "ROMA_OTEL_API_TOKEN"
 # Paths answered without a bearer token.
 OPEN_PATHS = frozenset({"/health"})
 EXECUTIONS_MAX_LIMIT = 1000
-# Seconds to wait for the database when (re)connecting or answering /health.
-DB_TIMEOUT = 10.0
+# Seconds to wait for the database when (re)connecting, for a pooled connection, or answering /health.
+DB_TIMEOUT = 5.0
 
 Operation = Literal["create", "cache_hit", "cache_miss", "cleanup"]
 ExecutionId = Annotated[str, Path(description="the execution's id")]
@@ -135,6 +137,30 @@ async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(status_code=503, content={"detail": f"database unavailable: {text}"})
 
 
+# --- query strings ----------------------------------------------------------------------------------
+class BlankQueryMiddleware:
+    """Drops query parameters given with an empty value, so ``?operation=&toolkit_class=&limit=`` (the
+    endpoint templates, or a form with empty fields) means "not given": no filter, the default limit.
+
+    Without it ``operation=`` fails validation and ``toolkit_class=`` filters on the empty string, which
+    no row has.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        query: bytes = scope.get("query_string", b"") if scope["type"] == "http" else b""
+        if query:
+            # Latin-1 both ways maps each byte to one character and back: the kept pairs reach the app
+            # byte for byte as sent (percent escapes of UTF-8 included).
+            pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True, encoding="latin-1")
+            kept = [(k, v) for k, v in pairs if v]
+            if len(kept) != len(pairs):
+                scope = {**scope, "query_string": urlencode(kept, encoding="latin-1").encode("ascii")}
+        await self.app(scope, receive, send)
+
+
 # --- authentication ---------------------------------------------------------------------------------
 class BearerAuthMiddleware:
     """Answers 401 to every HTTP request outside ``open_paths`` unless it carries ``Authorization: Bearer <token>``.
@@ -187,7 +213,11 @@ def create_app(storage_or_dsn: PostgresStorage | PostgresConfig | str, *, token:
     startup the app still starts: /health answers 503 and every request retries the connection.
     With ``token``, every path except /health requires ``Authorization: Bearer <token>``.
     """
-    storage = storage_or_dsn if isinstance(storage_or_dsn, PostgresStorage) else PostgresStorage(storage_or_dsn)
+    storage = (
+        storage_or_dsn
+        if isinstance(storage_or_dsn, PostgresStorage)
+        else PostgresStorage(storage_or_dsn, wait_timeout=DB_TIMEOUT)
+    )
     if token is not None and not token.strip():
         raise ValueError("token must be a non-empty string (or None for no authentication)")
 
@@ -214,6 +244,7 @@ def create_app(storage_or_dsn: PostgresStorage | PostgresConfig | str, *, token:
     app.add_exception_handler(RequestValidationError, _validation_error)
     for exc_type in (DatabaseUnavailableError, StorageUnavailableError, SchemaMissingError):
         app.add_exception_handler(exc_type, _unavailable)
+    app.add_middleware(BlankQueryMiddleware)
     if token is not None:
         app.add_middleware(BearerAuthMiddleware, token=token)
 

@@ -53,11 +53,10 @@ class _Progress(SpanProcessor):
         ms = ((span.end_time or 0) - (span.start_time or 0)) / 1e6
         mark = "✗" if span.status.status_code.name == "ERROR" else "✓"
         goal = str(attrs.get(sc.TASK_GOAL, ""))[:70]
-        print(
-            f"  {mark} task done [depth {attrs.get(sc.TASK_DEPTH)}] {goal} ({ms:.0f} ms)",
-            file=self.out,
-            flush=True,
-        )
+        # One write per line: print() writes the text and the newline separately, and tasks finishing
+        # at once on two threads would share a line.
+        self.out.write(f"  {mark} task done [depth {attrs.get(sc.TASK_DEPTH)}] {goal} ({ms:.0f} ms)\n")
+        self.out.flush()
 
 
 def _scrape(url: str) -> str:

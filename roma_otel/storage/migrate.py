@@ -42,7 +42,7 @@ URL_ATTRIBUTE = "roma_otel_database_url"
 _DRIVER = "postgresql+psycopg"
 
 NO_URL_MESSAGE = (
-    "no PostgreSQL database URL: pass one (roma-otel db ... --url URL, or alembic -x url=URL), "
+    "no PostgreSQL database URL: pass one (--url URL to roma-otel db, report or serve; alembic -x url=URL), "
     f"or set {DATABASE_URL_ENV} or DATABASE_URL, "
     "or set storage.postgres.connection_url in the roma-otel config file named by ROMA_OTEL_CONFIG"
 )

@@ -16,7 +16,7 @@ from typing import Any, Self
 import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from roma_otel.config import PostgresConfig
 from roma_otel.storage.records import ExecutionRecord, LMTrace, ToolInvocationTrace, ToolkitTrace
@@ -137,9 +137,17 @@ class PostgresStorage:
 
     ``config`` is a :class:`~roma_otel.config.PostgresConfig` (its ``connection_url`` and pool bounds are
     used; ``enabled`` gates the instrumentation's writer, not explicit reads) or a libpq DSN string.
+    ``open_timeout``: seconds ``initialize()`` waits for the pool's first connections; ``wait_timeout``: seconds
+    a query waits for a pooled connection before StorageUnavailableError.
+
+    When the server goes away, the first query that notices drops the pool, and each later query reconnects
+    directly: it fails at once (StorageUnavailableError naming the cause) while the server refuses
+    connections, and succeeds as soon as it is back, instead of waiting on the pool's reconnection backoff.
     """
 
-    def __init__(self, config: PostgresConfig | str, *, open_timeout: float = 30.0) -> None:
+    def __init__(
+        self, config: PostgresConfig | str, *, open_timeout: float = 30.0, wait_timeout: float = 30.0
+    ) -> None:
         if isinstance(config, str):
             config = PostgresConfig(connection_url=config)
         if not isinstance(config, PostgresConfig):
@@ -154,7 +162,10 @@ class PostgresStorage:
         self._min_size = config.pool_min_size
         self._max_size = config.pool_max_size
         self._open_timeout = open_timeout
+        self._wait_timeout = wait_timeout
         self._pool: AsyncConnectionPool | None = None
+        # Initialized and not closed: a pool dropped after losing the server is reopened by the next query.
+        self._open = False
         # Two tasks racing into initialize() must not open two pools and leak one.
         self._lock = asyncio.Lock()
 
@@ -213,13 +224,25 @@ class PostgresStorage:
                 await pool.close()
                 raise
             self._pool = pool
+            self._open = True
 
     async def close(self) -> None:
         """Close the pool. Idempotent; ``initialize()`` may be called again afterwards."""
         async with self._lock:
             pool, self._pool = self._pool, None
+            self._open = False
             if pool is not None:
                 await pool.close()
+
+    async def _drop(self, pool: AsyncConnectionPool) -> None:
+        """Forget ``pool`` after it lost the server (unless another query already replaced it) and close it.
+
+        Connections still checked out are closed as they come back; queries waiting on it get PoolClosed.
+        """
+        async with self._lock:
+            if self._pool is pool:
+                self._pool = None
+        await pool.close(timeout=0)
 
     async def __aenter__(self) -> Self:
         await self.initialize()
@@ -232,12 +255,23 @@ class PostgresStorage:
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        if self._pool is None:
-            raise RuntimeError("PostgresStorage is not initialized: call `await storage.initialize()` first")
+        pool = self._pool
+        if pool is None:
+            if not self._open:
+                raise RuntimeError("PostgresStorage is not initialized: call `await storage.initialize()` first")
+            await self.initialize()  # the pool was dropped after losing the server: reconnect, or fail now
+            pool = self._pool
+            if pool is None:  # closed meanwhile by another task
+                raise RuntimeError("PostgresStorage was closed")
+        conn: psycopg.AsyncConnection[Any] | None = None
         try:
-            async with self._pool.connection() as conn:
+            async with pool.connection(timeout=self._wait_timeout) as conn:
                 yield conn
         except psycopg.OperationalError as exc:  # the server went away, or the pool timed out
+            # A pool with no working connection retries in the background with a growing backoff, and
+            # every query would wait wait_timeout on it; drop it so the next query reconnects directly.
+            if isinstance(exc, PoolTimeout) or (conn is not None and conn.broken):
+                await self._drop(pool)
             raise _unavailable(exc) from exc
 
     async def _fetch(self, query: sql.Composable | str, params: list[object]) -> list[dict[str, Any]]:
