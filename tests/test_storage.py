@@ -936,6 +936,15 @@ def test_config_object_and_reuse_after_close(dsn: str) -> None:
     assert record is not None and record.execution_id == "exec_123"
 
 
+def our_connections(dsn: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchone()
+        assert row is not None
+        return row[0]
+
+
 def test_server_outage_fails_with_the_cause_then_recovers_without_initialize() -> None:
     from tests.pgserver import own_migrated_server
 
@@ -946,9 +955,10 @@ def test_server_outage_fails_with_the_cause_then_recovers_without_initialize() -
             await storage.initialize()
             assert await storage.list_executions() == []
             server.halt()
-            with pytest.raises(StorageUnavailableError):
-                await storage.list_executions()  # the pool notices: its connection is gone
-            # The pool was dropped, so the next query connects directly and names the cause.
+            # The pool's connection is gone; a direct connection finds the server gone too, and says why.
+            with pytest.raises(StorageUnavailableError, match=r"(?i)refused"):
+                await storage.list_executions()
+            # The pool was dropped: the next query connects directly, fails at once, and names the cause.
             with pytest.raises(StorageUnavailableError, match=r"(?i)refused"):
                 await storage.get_execution("exec_1")
             server.resume()
@@ -957,6 +967,107 @@ def test_server_outage_fails_with_the_cause_then_recovers_without_initialize() -
             await storage.close()
             with pytest.raises(RuntimeError, match="initialize"):
                 await storage.list_executions()  # closed on purpose: not silently reopened
+
+        asyncio.run(main())
+
+
+def test_close_during_a_reconnect_leaves_nothing_open() -> None:
+    from tests.pgserver import own_migrated_server
+
+    with own_migrated_server() as server:
+
+        async def main() -> list[Any]:
+            storage = PostgresStorage(server.dsn, wait_timeout=2)
+            await storage.initialize()
+            server.halt()
+            with pytest.raises(StorageUnavailableError):
+                await storage.list_executions()  # drops the pool
+            server.resume()
+            # A query reconnecting, close() called meanwhile, and a query queued behind close().
+            first = asyncio.create_task(storage.list_executions())
+            while not storage._lock.locked():
+                await asyncio.sleep(0)
+            closing = asyncio.create_task(storage.close())
+            await asyncio.sleep(0)
+            last = asyncio.create_task(storage.list_executions())
+            results = await asyncio.gather(first, closing, last, return_exceptions=True)
+            assert storage._pool is None
+            return results
+
+        first, _, last = asyncio.run(main())
+        assert first == [] or isinstance(first, StorageUnavailableError), first
+        assert isinstance(last, StorageUnavailableError) and "closed" in str(last), last
+        assert our_connections(server.dsn) == 0
+
+
+def test_a_busy_pool_is_kept() -> None:
+    from tests.pgserver import own_migrated_server
+
+    with own_migrated_server() as server:
+
+        async def main() -> None:
+            config = PostgresConfig(connection_url=server.dsn, pool_min_size=1, pool_max_size=1)
+            storage = PostgresStorage(config, wait_timeout=0.3)
+            await storage.initialize()
+            pool = storage._pool
+            # One slow query holds the only connection; another times out waiting for it.
+            slow = asyncio.create_task(storage._fetch("SELECT pg_sleep(1.5)", []))
+            await asyncio.sleep(0.2)
+            with pytest.raises(StorageUnavailableError, match="couldn't get a connection"):
+                await storage.list_executions()
+            assert await slow == [{"pg_sleep": ""}]
+            # The server was there all along: the pool is the same, and serves the next query.
+            assert storage._pool is pool
+            assert await storage.list_executions() == []
+            await storage.close()
+
+        asyncio.run(main())
+
+
+def test_a_reconnect_is_bounded_when_the_server_hangs() -> None:
+    import os
+    import signal
+
+    from tests.pgserver import own_migrated_server
+
+    with own_migrated_server() as server:
+
+        async def main() -> None:
+            storage = PostgresStorage(server.dsn, wait_timeout=1)
+            await storage.initialize()
+            server.halt()
+            with pytest.raises(StorageUnavailableError):
+                await storage.list_executions()  # drops the pool
+            server.resume()
+            hung = int((server.data / "postmaster.pid").read_text().split()[0])
+            os.kill(hung, signal.SIGSTOP)  # accepts connections (the kernel does) and never answers
+            try:
+                # The outer wait_for only keeps a regression from hanging the suite.
+                with pytest.raises(StorageUnavailableError, match="did not answer in time"):
+                    await asyncio.wait_for(storage.list_executions(), 60)
+            finally:
+                os.kill(hung, signal.SIGCONT)
+            assert await storage.list_executions() == []
+            await storage.close()
+
+        asyncio.run(main())
+
+
+def test_ping_finds_a_lost_server_and_names_the_cause() -> None:
+    from tests.pgserver import own_migrated_server
+
+    with own_migrated_server() as server:
+
+        async def main() -> None:
+            storage = PostgresStorage(server.dsn)  # the pool would wait 30 s; ping gives up after 2
+            await storage.ping(2)
+            server.halt()
+            with pytest.raises(StorageUnavailableError, match=r"(?i)refused"):
+                await storage.ping(2)
+            assert storage._pool is None  # dropped: later pings and queries fail at once
+            server.resume()
+            await storage.ping(2)
+            await storage.close()
 
         asyncio.run(main())
 

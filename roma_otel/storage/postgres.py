@@ -24,6 +24,8 @@ from roma_otel.storage.records import ExecutionRecord, LMTrace, ToolInvocationTr
 __all__ = ["MAX_LIMIT", "REQUIRED_TABLES", "PostgresStorage", "SchemaMissingError", "StorageUnavailableError"]
 
 MAX_LIMIT = 10_000
+# Seconds for the direct connection that tells a server gone away from a pool that is only busy.
+PROBE_TIMEOUT = 2.0
 REQUIRED_TABLES = ("executions", "lm_traces", "toolkit_traces", "tool_invocation_traces")
 
 _Record = ExecutionRecord | LMTrace | ToolkitTrace | ToolInvocationTrace
@@ -140,9 +142,11 @@ class PostgresStorage:
     ``open_timeout``: seconds ``initialize()`` waits for the pool's first connections; ``wait_timeout``: seconds
     a query waits for a pooled connection before StorageUnavailableError.
 
-    When the server goes away, the first query that notices drops the pool, and each later query reconnects
-    directly: it fails at once (StorageUnavailableError naming the cause) while the server refuses
-    connections, and succeeds as soon as it is back, instead of waiting on the pool's reconnection backoff.
+    When a query cannot get a working connection, a direct connection tells a server gone away (refused, or
+    no answer in PROBE_TIMEOUT) from a pool that is only busy. If the server is gone, the pool is dropped and
+    each later query reconnects directly: it fails at once (StorageUnavailableError naming the cause) while
+    the server is down, and succeeds as soon as it is back, instead of waiting on the pool's reconnection
+    backoff. A busy pool is kept.
     """
 
     def __init__(
@@ -168,6 +172,10 @@ class PostgresStorage:
         self._open = False
         # Two tasks racing into initialize() must not open two pools and leak one.
         self._lock = asyncio.Lock()
+        # One direct probe at a time (queries timing out together on a busy pool ask the same question);
+        # _loss is what the last one found when the server had gone away.
+        self._probe_lock = asyncio.Lock()
+        self._loss: BaseException | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------------
     async def initialize(self) -> None:
@@ -177,8 +185,8 @@ class PostgresStorage:
         database cannot be reached.
         """
         try:
-            await self._initialize()
-        except psycopg.OperationalError as exc:  # PoolTimeout is one too
+            await self._initialize(reopen=False)
+        except (psycopg.OperationalError, TimeoutError) as exc:  # PoolTimeout is an OperationalError too
             raise _unavailable(exc) from exc
 
     async def ping(self, timeout: float = 10.0) -> None:
@@ -191,15 +199,24 @@ class PostgresStorage:
         try:
             await asyncio.wait_for(check(), timeout)
         except TimeoutError as exc:
-            raise _unavailable(exc) from exc
+            # Cancelled while waiting on the pool (whose own timeout may be longer): ask the server directly.
+            pool = self._pool
+            cause = await self._lost(pool) if pool is not None else None
+            raise _unavailable(cause or exc) from exc
 
-    async def _initialize(self) -> None:
+    async def _initialize(self, *, reopen: bool) -> None:
+        """Open the pool. ``reopen``: for a query after the pool was dropped, which must not reopen a
+        storage closed meanwhile."""
         async with self._lock:
             if self._pool is not None:
                 return
+            if reopen and not self._open:
+                raise StorageUnavailableError("the storage was closed")
             # One direct connection first: its error names the real cause (refused, bad password, unknown
             # database) at once, where a pool retries in the background and only reports a timeout.
-            async with await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True) as conn:
+            connect = psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+            timeout = self._wait_timeout if reopen else self._open_timeout
+            async with await asyncio.wait_for(connect, timeout) as conn:
                 cur = await conn.execute(_MISSING_TABLES, [list(REQUIRED_TABLES)])
                 missing = [row[0] for row in await cur.fetchall()]
             if missing:
@@ -234,15 +251,28 @@ class PostgresStorage:
             if pool is not None:
                 await pool.close()
 
-    async def _drop(self, pool: AsyncConnectionPool) -> None:
-        """Forget ``pool`` after it lost the server (unless another query already replaced it) and close it.
+    async def _lost(self, pool: AsyncConnectionPool) -> BaseException | None:
+        """Whether the server behind ``pool`` has gone away: the error of a direct connection, else None.
 
-        Connections still checked out are closed as they come back; queries waiting on it get PoolClosed.
+        If it has, ``pool`` is dropped (unless another query already replaced it): its connections still
+        checked out are closed as they come back, and queries waiting on it get PoolClosed.
         """
-        async with self._lock:
-            if self._pool is pool:
-                self._pool = None
-        await pool.close(timeout=0)
+        async with self._probe_lock:
+            if self._pool is not pool:  # another query has found out meanwhile
+                return self._loss if self._pool is None else None
+            try:
+                conn = await asyncio.wait_for(
+                    psycopg.AsyncConnection.connect(self._conninfo, autocommit=True), PROBE_TIMEOUT
+                )
+            except (psycopg.OperationalError, TimeoutError) as exc:
+                self._loss = exc
+                async with self._lock:
+                    if self._pool is pool:
+                        self._pool = None
+                await pool.close(timeout=1.0)
+                return exc
+            await conn.close()
+            return None
 
     async def __aenter__(self) -> Self:
         await self.initialize()
@@ -259,19 +289,26 @@ class PostgresStorage:
         if pool is None:
             if not self._open:
                 raise RuntimeError("PostgresStorage is not initialized: call `await storage.initialize()` first")
-            await self.initialize()  # the pool was dropped after losing the server: reconnect, or fail now
+            try:  # the pool was dropped when the server went away: reconnect, or fail now
+                await asyncio.wait_for(self._initialize(reopen=True), self._wait_timeout)
+            except (psycopg.OperationalError, TimeoutError) as exc:
+                raise _unavailable(exc) from exc
             pool = self._pool
-            if pool is None:  # closed meanwhile by another task
-                raise RuntimeError("PostgresStorage was closed")
+            if pool is None:  # closed, or dropped again, before this task ran on
+                raise StorageUnavailableError(
+                    "the database connection was lost" if self._open else "the storage was closed"
+                )
         conn: psycopg.AsyncConnection[Any] | None = None
         try:
             async with pool.connection(timeout=self._wait_timeout) as conn:
                 yield conn
         except psycopg.OperationalError as exc:  # the server went away, or the pool timed out
-            # A pool with no working connection retries in the background with a growing backoff, and
-            # every query would wait wait_timeout on it; drop it so the next query reconnects directly.
+            # A pool that lost the server retries in the background with a growing backoff, and every
+            # query would wait wait_timeout on it: if the server is gone, _lost drops it.
             if isinstance(exc, PoolTimeout) or (conn is not None and conn.broken):
-                await self._drop(pool)
+                cause = await self._lost(pool)
+                if cause is not None:
+                    raise _unavailable(cause) from exc
             raise _unavailable(exc) from exc
 
     async def _fetch(self, query: sql.Composable | str, params: list[object]) -> list[dict[str, Any]]:
