@@ -9,6 +9,8 @@ import ast
 import asyncio
 import dataclasses
 import json
+import os
+import signal
 import socket
 import sys
 import types
@@ -24,6 +26,7 @@ from roma_otel.config import PostgresConfig, RomaOtelConfig
 from roma_otel.storage.migrate import upgrade
 from roma_otel.storage.postgres import PostgresStorage, SchemaMissingError, StorageUnavailableError
 from roma_otel.storage.records import ExecutionRecord, LMTrace, ToolInvocationTrace, ToolkitTrace
+from tests.pgserver import PostgresServer, own_migrated_server
 
 T = TypeVar("T")
 
@@ -945,9 +948,16 @@ def our_connections(dsn: str) -> int:
         return row[0]
 
 
-def test_server_outage_fails_with_the_cause_then_recovers_without_initialize() -> None:
-    from tests.pgserver import own_migrated_server
+async def drop_the_pool_by_an_outage(storage: PostgresStorage, server: PostgresServer) -> None:
+    """Stop the server until a query has found it gone (dropping the pool), then start it again."""
+    server.halt()
+    with pytest.raises(StorageUnavailableError):
+        await storage.list_executions()
+    assert storage._pool is None
+    server.resume()
 
+
+def test_server_outage_fails_with_the_cause_then_recovers_without_initialize() -> None:
     with own_migrated_server() as server:
 
         async def main() -> None:
@@ -972,17 +982,12 @@ def test_server_outage_fails_with_the_cause_then_recovers_without_initialize() -
 
 
 def test_close_during_a_reconnect_leaves_nothing_open() -> None:
-    from tests.pgserver import own_migrated_server
-
     with own_migrated_server() as server:
 
         async def main() -> list[Any]:
             storage = PostgresStorage(server.dsn, wait_timeout=2)
             await storage.initialize()
-            server.halt()
-            with pytest.raises(StorageUnavailableError):
-                await storage.list_executions()  # drops the pool
-            server.resume()
+            await drop_the_pool_by_an_outage(storage, server)
             # A query reconnecting, close() called meanwhile, and a query queued behind close().
             first = asyncio.create_task(storage.list_executions())
             while not storage._lock.locked():
@@ -1001,8 +1006,6 @@ def test_close_during_a_reconnect_leaves_nothing_open() -> None:
 
 
 def test_a_busy_pool_is_kept() -> None:
-    from tests.pgserver import own_migrated_server
-
     with own_migrated_server() as server:
 
         async def main() -> None:
@@ -1025,20 +1028,12 @@ def test_a_busy_pool_is_kept() -> None:
 
 
 def test_a_reconnect_is_bounded_when_the_server_hangs() -> None:
-    import os
-    import signal
-
-    from tests.pgserver import own_migrated_server
-
     with own_migrated_server() as server:
 
         async def main() -> None:
             storage = PostgresStorage(server.dsn, wait_timeout=1)
             await storage.initialize()
-            server.halt()
-            with pytest.raises(StorageUnavailableError):
-                await storage.list_executions()  # drops the pool
-            server.resume()
+            await drop_the_pool_by_an_outage(storage, server)
             hung = int((server.data / "postmaster.pid").read_text().split()[0])
             os.kill(hung, signal.SIGSTOP)  # accepts connections (the kernel does) and never answers
             try:
@@ -1054,8 +1049,6 @@ def test_a_reconnect_is_bounded_when_the_server_hangs() -> None:
 
 
 def test_ping_finds_a_lost_server_and_names_the_cause() -> None:
-    from tests.pgserver import own_migrated_server
-
     with own_migrated_server() as server:
 
         async def main() -> None:
