@@ -76,7 +76,9 @@ def ingest_writer(dsn: str, spans: list[Any], batch_size: int, process: bool) ->
     """Seconds from handing the first span to the writer until every row is committed."""
     kind = PostgresProcessSpanProcessor if process else PostgresSpanProcessor
     with tempfile.TemporaryDirectory() as spool:
-        writer = kind(dsn, batch_size=batch_size, spool_dir=spool, flush_interval=0.05)
+        # Every span is handed over at once: a queue bound below that would measure drops, not throughput.
+        queue = max(100_000, 2 * len(spans))
+        writer = kind(dsn, batch_size=batch_size, spool_dir=spool, flush_interval=0.05, max_queue_size=queue)
         try:
             assert writer.force_flush(30_000)  # connected (the writer process has started and is waiting)
             start = time.perf_counter()

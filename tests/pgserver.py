@@ -1,12 +1,15 @@
 """The test suite's PostgreSQL server helpers (they live in the package, where the demo uses them too)."""
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+import psycopg
 
 from roma_otel.storage.localpg import DSN_ENV, PostgresServer, find_bindir, wait_ready
 from roma_otel.storage.migrate import upgrade
 
-__all__ = ["DSN_ENV", "PostgresServer", "find_bindir", "own_migrated_server", "wait_ready"]
+__all__ = ["DSN_ENV", "PostgresServer", "find_bindir", "other_sessions", "own_migrated_server", "wait_ready"]
 
 
 @contextmanager
@@ -22,3 +25,18 @@ def own_migrated_server() -> Iterator[PostgresServer]:
         yield server
     finally:
         server.stop()
+
+
+def other_sessions(dsn: str, settle: float = 10.0) -> int:
+    """Other sessions on ``dsn``'s database, once any closing ones have gone (a closed connection's server
+    process can linger in pg_stat_activity for a moment)."""
+    deadline = time.monotonic() + settle
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while True:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchone()
+            assert row is not None
+            if row[0] == 0 or time.monotonic() > deadline:
+                return row[0]
+            time.sleep(0.05)

@@ -30,7 +30,7 @@ from roma_otel.api import create_app
 from roma_otel.cli import build_parser, main
 from roma_otel.storage.migrate import upgrade
 from roma_otel.storage.postgres import PostgresStorage
-from tests.pgserver import own_migrated_server
+from tests.pgserver import other_sessions, own_migrated_server
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = datetime(2025, 3, 14, 9, 0, tzinfo=UTC)
@@ -329,17 +329,7 @@ def test_lifespan_closes_given_storage(seeded: Seeded) -> None:
     storage = PostgresStorage(seeded.dsn)
     with client_for(create_app(storage)) as client:
         assert get_json(client, "/executions")["count"] == 3
-    with psycopg.connect(seeded.dsn, autocommit=True) as conn:
-        deadline = time.monotonic() + 10
-        while True:
-            row = conn.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            ).fetchone()
-            assert row is not None
-            if row[0] == 0 or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        assert row[0] == 0, "the pool's connections outlived the app"
+    assert other_sessions(seeded.dsn) == 0, "the pool's connections outlived the app"
 
 
 # --- executions -------------------------------------------------------------------------------------

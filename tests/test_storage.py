@@ -26,7 +26,7 @@ from roma_otel.config import PostgresConfig, RomaOtelConfig
 from roma_otel.storage.migrate import upgrade
 from roma_otel.storage.postgres import PostgresStorage, SchemaMissingError, StorageUnavailableError
 from roma_otel.storage.records import ExecutionRecord, LMTrace, ToolInvocationTrace, ToolkitTrace
-from tests.pgserver import PostgresServer, own_migrated_server
+from tests.pgserver import PostgresServer, other_sessions, own_migrated_server
 
 T = TypeVar("T")
 
@@ -939,15 +939,6 @@ def test_config_object_and_reuse_after_close(dsn: str) -> None:
     assert record is not None and record.execution_id == "exec_123"
 
 
-def our_connections(dsn: str) -> int:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        ).fetchone()
-        assert row is not None
-        return row[0]
-
-
 async def drop_the_pool_by_an_outage(storage: PostgresStorage, server: PostgresServer) -> None:
     """Stop the server until a query has found it gone (dropping the pool), then start it again."""
     server.halt()
@@ -1002,26 +993,87 @@ def test_close_during_a_reconnect_leaves_nothing_open() -> None:
         first, _, last = asyncio.run(main())
         assert first == [] or isinstance(first, StorageUnavailableError), first
         assert isinstance(last, StorageUnavailableError) and "closed" in str(last), last
-        assert our_connections(server.dsn) == 0
+        assert other_sessions(server.dsn) == 0
+
+
+async def busy_storage(dsn: str) -> tuple[PostgresStorage, asyncio.Task[Any]]:
+    """A storage with one pooled connection, held by a 1.5 s query (the task), and a 0.3 s wait for it."""
+    storage = PostgresStorage(
+        PostgresConfig(connection_url=dsn, pool_min_size=1, pool_max_size=1), wait_timeout=0.3
+    )
+    await storage.initialize()
+    slow = asyncio.create_task(storage._fetch("SELECT pg_sleep(1.5)", []))
+    await asyncio.sleep(0.2)  # the query has the connection
+    return storage, slow
 
 
 def test_a_busy_pool_is_kept() -> None:
     with own_migrated_server() as server:
 
         async def main() -> None:
-            config = PostgresConfig(connection_url=server.dsn, pool_min_size=1, pool_max_size=1)
-            storage = PostgresStorage(config, wait_timeout=0.3)
-            await storage.initialize()
+            storage, slow = await busy_storage(server.dsn)
             pool = storage._pool
-            # One slow query holds the only connection; another times out waiting for it.
-            slow = asyncio.create_task(storage._fetch("SELECT pg_sleep(1.5)", []))
-            await asyncio.sleep(0.2)
             with pytest.raises(StorageUnavailableError, match="couldn't get a connection"):
                 await storage.list_executions()
             assert await slow == [{"pg_sleep": ""}]
             # The server was there all along: the pool is the same, and serves the next query.
             assert storage._pool is pool
             assert await storage.list_executions() == []
+            await storage.close()
+
+        asyncio.run(main())
+
+
+def test_a_server_refusing_more_connections_keeps_the_pool() -> None:
+    with own_migrated_server() as server:
+        with psycopg.connect(server.dsn, autocommit=True) as conn:
+            conn.execute("CREATE ROLE reader LOGIN CONNECTION LIMIT 1")
+            conn.execute("GRANT SELECT ON ALL TABLES IN SCHEMA public TO reader")
+        reader = server.dsn.replace("postgresql://roma@", "postgresql://reader@")
+
+        async def main() -> None:
+            storage, slow = await busy_storage(reader)
+            pool = storage._pool
+            # The probe is refused by the server itself (the role's limit): the server is there.
+            with pytest.raises(StorageUnavailableError, match="too many connections"):
+                await storage.list_executions()
+            assert storage._pool is pool
+            assert await slow == [{"pg_sleep": ""}]
+            assert await storage.list_executions() == []
+            await storage.close()
+
+        asyncio.run(main())
+
+
+def test_queries_timing_out_together_share_one_probe() -> None:
+    with own_migrated_server() as server:
+
+        async def main() -> int:
+            storage, slow = await busy_storage(server.dsn)
+            waiting = await asyncio.gather(*(storage.list_executions() for _ in range(6)), return_exceptions=True)
+            assert all(isinstance(w, StorageUnavailableError) for w in waiting), waiting
+            await slow
+            await storage.close()
+            return storage._probes
+
+        # They time out together; the first probes, the others take its answer (at most a straggler
+        # arriving after it finished probes again).
+        assert asyncio.run(main()) <= 2
+
+
+def test_tables_dropped_under_a_running_storage_say_so() -> None:
+    with own_migrated_server() as server:
+
+        async def main() -> None:
+            storage = PostgresStorage(server.dsn)
+            await storage.initialize()
+            with psycopg.connect(server.dsn, autocommit=True) as conn:
+                conn.execute("ALTER TABLE tool_invocation_traces RENAME TO moved_away")
+            with pytest.raises(SchemaMissingError, match="roma-otel db upgrade"):
+                await storage.get_tool_invocation_traces("exec_1")
+            with psycopg.connect(server.dsn, autocommit=True) as conn:
+                conn.execute("ALTER TABLE moved_away RENAME TO tool_invocation_traces")
+            assert await storage.get_tool_invocation_traces("exec_1") == []
             await storage.close()
 
         asyncio.run(main())

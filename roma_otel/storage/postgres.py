@@ -7,6 +7,7 @@ Callers see the driver's failures as StorageUnavailableError / SchemaMissingErro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -146,7 +147,9 @@ class PostgresStorage:
     no answer in PROBE_TIMEOUT) from a pool that is only busy. If the server is gone, the pool is dropped and
     each later query reconnects directly: it fails at once (StorageUnavailableError naming the cause) while
     the server is down, and succeeds as soon as it is back, instead of waiting on the pool's reconnection
-    backoff. A busy pool is kept.
+    backoff. A busy pool, or a server refusing with an error of its own (too many connections), keeps it.
+    Tables dropped under a running storage raise SchemaMissingError, a revoked privilege
+    StorageUnavailableError (the API answers 503 to both).
     """
 
     def __init__(
@@ -172,10 +175,10 @@ class PostgresStorage:
         self._open = False
         # Two tasks racing into initialize() must not open two pools and leak one.
         self._lock = asyncio.Lock()
-        # One direct probe at a time (queries timing out together on a busy pool ask the same question);
-        # _loss is what the last one found when the server had gone away.
+        # One direct probe at a time: queries timing out together ask the same question (see _probe).
         self._probe_lock = asyncio.Lock()
-        self._loss: BaseException | None = None
+        self._probes = 0
+        self._last_probe: tuple[AsyncConnectionPool | None, BaseException | None] = (None, None)
 
     # --- lifecycle ----------------------------------------------------------------------------------
     async def initialize(self) -> None:
@@ -196,12 +199,16 @@ class PostgresStorage:
             await self.initialize()
             await self._fetch("SELECT 1", [])
 
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         try:
-            await asyncio.wait_for(check(), timeout)
+            # Time kept for a probe: the pool's own wait may be longer than ``timeout``, and would end in one.
+            await asyncio.wait_for(check(), max(timeout - PROBE_TIMEOUT, timeout / 2))
         except TimeoutError as exc:
-            # Cancelled while waiting on the pool (whose own timeout may be longer): ask the server directly.
-            pool = self._pool
-            cause = await self._lost(pool) if pool is not None else None
+            pool, cause = self._pool, None
+            if pool is not None:
+                with contextlib.suppress(TimeoutError):
+                    cause = await asyncio.wait_for(self._probe(pool), max(0.0, deadline - loop.time()))
             raise _unavailable(cause or exc) from exc
 
     async def _initialize(self, *, reopen: bool) -> None:
@@ -251,28 +258,40 @@ class PostgresStorage:
             if pool is not None:
                 await pool.close()
 
-    async def _lost(self, pool: AsyncConnectionPool) -> BaseException | None:
-        """Whether the server behind ``pool`` has gone away: the error of a direct connection, else None.
+    async def _probe(self, pool: AsyncConnectionPool) -> BaseException | None:
+        """Why ``pool`` cannot serve, asked of the server by a direct connection: its error, or None.
 
-        If it has, ``pool`` is dropped (unless another query already replaced it): its connections still
-        checked out are closed as they come back, and queries waiting on it get PoolClosed.
+        A server gone away (the connection refused or unanswered for PROBE_TIMEOUT) gets ``pool`` dropped,
+        unless another query replaced it already: its connections still checked out are closed as they come
+        back, and queries waiting on it get PoolClosed. A server that answers with an error of its own
+        (``FATAL``: too many connections, authentication) is there, and the pool is kept. A query that
+        waited while another probed this pool takes that answer instead of probing again.
         """
+        asked = self._probes
         async with self._probe_lock:
-            if self._pool is not pool:  # another query has found out meanwhile
-                return self._loss if self._pool is None else None
+            if self._probes != asked:
+                probed, answer = self._last_probe
+                return answer if probed is pool else None
             try:
                 conn = await asyncio.wait_for(
                     psycopg.AsyncConnection.connect(self._conninfo, autocommit=True), PROBE_TIMEOUT
                 )
             except (psycopg.OperationalError, TimeoutError) as exc:
-                self._loss = exc
+                answer: BaseException | None = exc
+            else:
+                await conn.close()
+                answer = None
+            # Published only once complete: a probe cancelled half-way answers nobody.
+            self._last_probe = (pool, answer)
+            self._probes += 1
+            # libpq reports the server's own refusals as "FATAL: ..."; "refused", timeouts, unknown hosts
+            # and closed sockets mean nothing answered.
+            if answer is not None and (isinstance(answer, TimeoutError) or "FATAL" not in str(answer)):
                 async with self._lock:
                     if self._pool is pool:
                         self._pool = None
                 await pool.close(timeout=1.0)
-                return exc
-            await conn.close()
-            return None
+            return answer
 
     async def __aenter__(self) -> Self:
         await self.initialize()
@@ -304,12 +323,20 @@ class PostgresStorage:
                 yield conn
         except psycopg.OperationalError as exc:  # the server went away, or the pool timed out
             # A pool that lost the server retries in the background with a growing backoff, and every
-            # query would wait wait_timeout on it: if the server is gone, _lost drops it.
+            # query would wait wait_timeout on it: if the server is gone, _probe drops it.
             if isinstance(exc, PoolTimeout) or (conn is not None and conn.broken):
-                cause = await self._lost(pool)
+                cause = await self._probe(pool)
                 if cause is not None:
                     raise _unavailable(cause) from exc
             raise _unavailable(exc) from exc
+        except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn) as exc:
+            # The schema was dropped or downgraded under a running storage (initialize() checked it).
+            raise SchemaMissingError(
+                f"roma-otel's schema is missing or out of date: {str(exc).strip()}. "
+                "Create it with `roma-otel db upgrade` (or `alembic upgrade head`)."
+            ) from exc
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise StorageUnavailableError(str(exc).strip()) from exc
 
     async def _fetch(self, query: sql.Composable | str, params: list[object]) -> list[dict[str, Any]]:
         async with self._connection() as conn, conn.cursor(row_factory=dict_row) as cur:
