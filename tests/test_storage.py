@@ -16,6 +16,7 @@ import sys
 import types
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import psycopg
@@ -1094,6 +1095,44 @@ def test_a_reconnect_is_bounded_when_the_server_hangs() -> None:
                     await asyncio.wait_for(storage.list_executions(), 60)
             finally:
                 os.kill(hung, signal.SIGCONT)
+            assert await storage.list_executions() == []
+            await storage.close()
+
+        asyncio.run(main())
+
+
+def server_processes(server: PostgresServer) -> list[int]:
+    """The postmaster and every process it started."""
+    postmaster = int((server.data / "postmaster.pid").read_text().split()[0])
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == postmaster:
+                children.append(int(entry))
+    return [postmaster, *children]
+
+
+def test_query_timeout_bounds_a_query_on_a_frozen_server() -> None:
+    with own_migrated_server() as server:
+
+        async def main() -> None:
+            storage = PostgresStorage(server.dsn, wait_timeout=1, query_timeout=1)
+            await storage.initialize()
+            assert await storage.list_executions() == []
+            frozen = server_processes(server)
+            for pid in frozen:
+                os.kill(pid, signal.SIGSTOP)  # connections stay open; nothing answers
+            try:
+                # The outer wait_for only keeps a regression from hanging the suite.
+                with pytest.raises(StorageUnavailableError, match="did not answer in time"):
+                    await asyncio.wait_for(storage.list_executions(), 120)
+            finally:
+                for pid in frozen:
+                    os.kill(pid, signal.SIGCONT)
             assert await storage.list_executions() == []
             await storage.close()
 

@@ -28,6 +28,7 @@ __all__ = [
     "DB_TIMEOUT",
     "EXECUTIONS_MAX_LIMIT",
     "OPEN_PATHS",
+    "QUERY_TIMEOUT",
     "TOKEN_ENV",
     "BearerAuthMiddleware",
     "BlankQueryMiddleware",
@@ -43,6 +44,8 @@ OPEN_PATHS = frozenset({"/health"})
 EXECUTIONS_MAX_LIMIT = 1000
 # Seconds to wait for the database when (re)connecting, for a pooled connection, or answering /health.
 DB_TIMEOUT = 5.0
+# Seconds a request's query may take: a server that stops answering costs a request this much, not forever.
+QUERY_TIMEOUT = 30.0
 
 Operation = Literal["create", "cache_hit", "cache_miss", "cleanup"]
 ExecutionId = Annotated[str, Path(description="the execution's id")]
@@ -216,7 +219,7 @@ def create_app(storage_or_dsn: PostgresStorage | PostgresConfig | str, *, token:
     storage = (
         storage_or_dsn
         if isinstance(storage_or_dsn, PostgresStorage)
-        else PostgresStorage(storage_or_dsn, wait_timeout=DB_TIMEOUT)
+        else PostgresStorage(storage_or_dsn, wait_timeout=DB_TIMEOUT, query_timeout=QUERY_TIMEOUT)
     )
     if token is not None and not token.strip():
         raise ValueError("token must be a non-empty string (or None for no authentication)")

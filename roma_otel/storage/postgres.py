@@ -141,7 +141,10 @@ class PostgresStorage:
     ``config`` is a :class:`~roma_otel.config.PostgresConfig` (its ``connection_url`` and pool bounds are
     used; ``enabled`` gates the instrumentation's writer, not explicit reads) or a libpq DSN string.
     ``open_timeout``: seconds ``initialize()`` waits for the pool's first connections; ``wait_timeout``: seconds
-    a query waits for a pooled connection before StorageUnavailableError.
+    a query waits for a pooled connection before StorageUnavailableError; ``query_timeout``: seconds a whole
+    query may take (None: no limit), so that a server that stops answering cannot hold a caller forever. A
+    query cut short is cancelled in the server; psycopg gives that up to 10 s more before closing the
+    connection.
 
     When a query cannot get a working connection, a direct connection tells a server gone away (refused, or
     no answer in PROBE_TIMEOUT) from a pool that is only busy. If the server is gone, the pool is dropped and
@@ -153,7 +156,12 @@ class PostgresStorage:
     """
 
     def __init__(
-        self, config: PostgresConfig | str, *, open_timeout: float = 30.0, wait_timeout: float = 30.0
+        self,
+        config: PostgresConfig | str,
+        *,
+        open_timeout: float = 30.0,
+        wait_timeout: float = 30.0,
+        query_timeout: float | None = None,
     ) -> None:
         if isinstance(config, str):
             config = PostgresConfig(connection_url=config)
@@ -170,6 +178,7 @@ class PostgresStorage:
         self._max_size = config.pool_max_size
         self._open_timeout = open_timeout
         self._wait_timeout = wait_timeout
+        self._query_timeout = query_timeout
         self._pool: AsyncConnectionPool | None = None
         # Initialized and not closed: a pool dropped after losing the server is reopened by the next query.
         self._open = False
@@ -319,8 +328,12 @@ class PostgresStorage:
                 )
         conn: psycopg.AsyncConnection[Any] | None = None
         try:
-            async with pool.connection(timeout=self._wait_timeout) as conn:
+            # The deadline covers the wait, the pool's check of the connection and the caller's statements.
+            async with asyncio.timeout(self._query_timeout), pool.connection(timeout=self._wait_timeout) as conn:
                 yield conn
+        except TimeoutError as exc:  # query_timeout: a server that stopped answering, or a slow query
+            cause = await self._probe(pool)
+            raise _unavailable(cause or exc) from exc
         except psycopg.OperationalError as exc:  # the server went away, or the pool timed out
             # A pool that lost the server retries in the background with a growing backoff, and every
             # query would wait wait_timeout on it: if the server is gone, _probe drops it.
