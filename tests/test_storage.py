@@ -1139,6 +1139,71 @@ def test_query_timeout_bounds_a_query_on_a_frozen_server() -> None:
         asyncio.run(main())
 
 
+def test_ping_on_a_frozen_server_probes_within_its_budget_and_drops_the_pool() -> None:
+    with own_migrated_server() as server:
+
+        async def main() -> None:
+            storage = PostgresStorage(server.dsn)
+            await storage.ping(5)
+            frozen = server_processes(server)
+            for pid in frozen:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(StorageUnavailableError, match="did not answer in time"):
+                    await asyncio.wait_for(storage.ping(5), 60)  # the outer bound only guards the suite
+                # The probe ran to its end within ping's budget: nothing answered, so the pool is gone.
+                assert storage._pool is None
+            finally:
+                for pid in frozen:
+                    os.kill(pid, signal.SIGCONT)
+            await storage.ping(5)
+            await storage.close()
+
+        asyncio.run(main())
+
+
+def test_only_a_lack_of_connection_slots_keeps_the_pool() -> None:
+    from roma_otel.storage.postgres import _out_of_slots
+
+    def refused(text: str) -> psycopg.OperationalError:
+        return psycopg.OperationalError(f'connection failed: connection to server at "127.0.0.1" failed: {text}')
+
+    assert _out_of_slots(refused('FATAL:  too many connections for role "reader"'))
+    assert _out_of_slots(refused("FATAL:  sorry, too many clients already"))
+    assert _out_of_slots(refused("FATAL:  remaining connection slots are reserved for roles with SUPERUSER"))
+    for gone in (
+        "FATAL:  the database system is starting up",
+        "FATAL:  the database system is shutting down",
+        "FATAL:  the database system is in recovery mode",
+        "Connection refused",
+        "fe_sendauth: no password supplied",
+    ):
+        assert not _out_of_slots(refused(gone)), gone
+    assert not _out_of_slots(TimeoutError())
+
+
+def test_text_a_latin1_database_cannot_hold_matches_nothing() -> None:
+    with own_migrated_server() as server:
+        with psycopg.connect(server.dsn, autocommit=True) as conn:
+            conn.execute("CREATE DATABASE latin ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+        latin = server.dsn.rsplit("/", 1)[0] + "/latin"
+        upgrade(latin)
+
+        async def main() -> None:
+            async with PostgresStorage(latin) as storage:
+                assert await storage.get_execution("日本") is None
+                assert await storage.list_executions(status="€") == []
+                assert await storage.get_tool_invocation_traces("exec_1", toolkit_class="€") == []
+                assert await storage.get_lm_traces("日本") == []
+                costs = await storage.get_execution_costs("日本")
+                assert costs["execution_id"] == "日本" and costs["total_cost"] == 0
+                summary = await storage.get_toolkit_metrics_summary("日本")
+                assert summary["tool_invocations"]["total_calls"] == 0 and summary["by_tool"] == {}
+                assert await storage.list_executions(status="café") == []  # LATIN1 holds é: a real query
+
+        asyncio.run(main())
+
+
 def test_ping_finds_a_lost_server_and_names_the_cause() -> None:
     with own_migrated_server() as server:
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any, Self
@@ -44,6 +44,41 @@ def _unavailable(exc: BaseException) -> StorageUnavailableError:
     if isinstance(exc, TimeoutError):
         return StorageUnavailableError("the database did not answer in time")
     return StorageUnavailableError(str(exc).strip() or type(exc).__name__)
+
+
+# libpq gives no SQLSTATE for a refused connection, only the server's message, translated by its
+# lc_messages: these are PostgreSQL's English texts for 53300 (too_many_connections). A server answering in
+# another language is taken as gone, and its pool dropped: later queries then reconnect directly, and
+# fail naming the cause, until slots free up.
+_OUT_OF_SLOTS = ("too many connections", "too many clients", "remaining connection slots are reserved")
+
+
+def _out_of_slots(exc: BaseException) -> bool:
+    """The server refused a connection only for lack of connection slots: it is there, and busy."""
+    text = str(exc)
+    return any(phrase in text for phrase in _OUT_OF_SLOTS)
+
+
+def _matchable(value: object, conn: psycopg.AsyncConnection[Any]) -> object:
+    """``value``, or None for a text the database's encoding cannot hold (a LATIN1 database, say): such a
+    text equals no stored one, and ``column = NULL`` matches no row either, while aggregates still answer."""
+    if isinstance(value, str):
+        try:
+            value.encode(conn.info.encoding)
+        except UnicodeEncodeError:
+            return None
+    return value
+
+
+def _forget(tasks: set[asyncio.Future[None]]) -> Callable[[asyncio.Future[None]], None]:
+    """A done-callback: drop the finished task from ``tasks`` and read its outcome (never reported)."""
+
+    def done(task: asyncio.Future[None]) -> None:
+        tasks.discard(task)
+        if not task.cancelled():
+            task.exception()
+
+    return done
 
 
 def _check_limit(limit: object) -> int:
@@ -187,7 +222,8 @@ class PostgresStorage:
         # One direct probe at a time: queries timing out together ask the same question (see _probe).
         self._probe_lock = asyncio.Lock()
         self._probes = 0
-        self._last_probe: tuple[AsyncConnectionPool | None, BaseException | None] = (None, None)
+        self._last_answer: BaseException | None = None
+        self._background: set[asyncio.Future[None]] = set()  # pings given up on, still cancelling
 
     # --- lifecycle ----------------------------------------------------------------------------------
     async def initialize(self) -> None:
@@ -210,15 +246,23 @@ class PostgresStorage:
 
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        try:
-            # Time kept for a probe: the pool's own wait may be longer than ``timeout``, and would end in one.
-            await asyncio.wait_for(check(), max(timeout - PROBE_TIMEOUT, timeout / 2))
-        except TimeoutError as exc:
-            pool, cause = self._pool, None
-            if pool is not None:
-                with contextlib.suppress(TimeoutError):
-                    cause = await asyncio.wait_for(self._probe(pool), max(0.0, deadline - loop.time()))
-            raise _unavailable(cause or exc) from exc
+        task = asyncio.ensure_future(check())
+        # Time kept for a whole probe (and dropping the pool): the pool's own wait may be longer than
+        # ``timeout``, and would end in one.
+        done, _ = await asyncio.wait({task}, timeout=max(timeout - PROBE_TIMEOUT - 1.0, timeout / 3))
+        if task in done:
+            task.result()  # its error, if any
+            return
+        # Not waited for: on a server that stopped answering, psycopg gives a cancelled statement up to
+        # 10 s before closing its connection. Kept referenced until then, its outcome read and dropped.
+        task.cancel()
+        self._background.add(task)
+        task.add_done_callback(_forget(self._background))
+        pool, cause = self._pool, None
+        if pool is not None:
+            with contextlib.suppress(TimeoutError):
+                cause = await asyncio.wait_for(self._probe(pool), max(0.0, deadline - loop.time()))
+        raise _unavailable(cause or TimeoutError())
 
     async def _initialize(self, *, reopen: bool) -> None:
         """Open the pool. ``reopen``: for a query after the pool was dropped, which must not reopen a
@@ -270,32 +314,30 @@ class PostgresStorage:
     async def _probe(self, pool: AsyncConnectionPool) -> BaseException | None:
         """Why ``pool`` cannot serve, asked of the server by a direct connection: its error, or None.
 
-        A server gone away (the connection refused or unanswered for PROBE_TIMEOUT) gets ``pool`` dropped,
-        unless another query replaced it already: its connections still checked out are closed as they come
-        back, and queries waiting on it get PoolClosed. A server that answers with an error of its own
-        (``FATAL``: too many connections, authentication) is there, and the pool is kept. A query that
-        waited while another probed this pool takes that answer instead of probing again.
+        Unless the server only lacks connection slots (a busy server: the pool's connections still work),
+        a failed probe drops ``pool`` if it is still current: its connections still checked out are closed
+        as they come back, queries waiting on it get PoolClosed, and later queries reconnect directly. A
+        query that waited while another probed takes that answer (it describes the server) instead of
+        probing again.
         """
         asked = self._probes
         async with self._probe_lock:
             if self._probes != asked:
-                probed, answer = self._last_probe
-                return answer if probed is pool else None
-            try:
-                conn = await asyncio.wait_for(
-                    psycopg.AsyncConnection.connect(self._conninfo, autocommit=True), PROBE_TIMEOUT
-                )
-            except (psycopg.OperationalError, TimeoutError) as exc:
-                answer: BaseException | None = exc
+                answer = self._last_answer
             else:
-                await conn.close()
-                answer = None
-            # Published only once complete: a probe cancelled half-way answers nobody.
-            self._last_probe = (pool, answer)
-            self._probes += 1
-            # libpq reports the server's own refusals as "FATAL: ..."; "refused", timeouts, unknown hosts
-            # and closed sockets mean nothing answered.
-            if answer is not None and (isinstance(answer, TimeoutError) or "FATAL" not in str(answer)):
+                try:
+                    conn = await asyncio.wait_for(
+                        psycopg.AsyncConnection.connect(self._conninfo, autocommit=True), PROBE_TIMEOUT
+                    )
+                except (psycopg.OperationalError, TimeoutError) as exc:
+                    answer: BaseException | None = exc
+                else:
+                    await conn.close()
+                    answer = None
+                # Published only once complete: a probe cancelled half-way answers nobody.
+                self._last_answer = answer
+                self._probes += 1
+            if answer is not None and not _out_of_slots(answer):
                 async with self._lock:
                     if self._pool is pool:
                         self._pool = None
@@ -348,12 +390,15 @@ class PostgresStorage:
                 f"roma-otel's schema is missing or out of date: {str(exc).strip()}. "
                 "Create it with `roma-otel db upgrade` (or `alembic upgrade head`)."
             ) from exc
-        except psycopg.errors.InsufficientPrivilege as exc:
-            raise StorageUnavailableError(str(exc).strip()) from exc
+        except psycopg.Error as exc:  # a privilege revoked, a column's type changed under us, ...
+            raise StorageUnavailableError(str(exc).strip() or type(exc).__name__) from exc
 
     async def _fetch(self, query: sql.Composable | str, params: list[object]) -> list[dict[str, Any]]:
         async with self._connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(query, params)
+            try:
+                await cur.execute(query, params)
+            except UnicodeEncodeError:  # raised before anything is sent
+                await cur.execute(query, [_matchable(p, conn) for p in params])
             return await cur.fetchall()
 
     # --- executions ---------------------------------------------------------------------------------
@@ -466,9 +511,10 @@ class PostgresStorage:
         # Both queries read one snapshot, so calls and lifecycle agree while a run is still writing.
         async with self._connection() as conn, conn.cursor(row_factory=dict_row) as cur, conn.transaction():
             await cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            await cur.execute(_LIFECYCLE, [execution_id])
+            key = _matchable(execution_id, conn)
+            await cur.execute(_LIFECYCLE, [key])
             lifecycle = await cur.fetchone()
-            await cur.execute(_INVOCATIONS, [execution_id])
+            await cur.execute(_INVOCATIONS, [key])
             groups = await cur.fetchall()
         assert lifecycle is not None  # an aggregate without GROUP BY always returns one row
         hits, misses = lifecycle["cache_hits"], lifecycle["cache_misses"]
