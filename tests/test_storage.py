@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -15,6 +16,7 @@ import socket
 import sys
 import types
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -1116,6 +1118,23 @@ def server_processes(server: PostgresServer) -> list[int]:
     return [postmaster, *children]
 
 
+@contextmanager
+def frozen(server: PostgresServer) -> Iterator[None]:
+    """Every server process stopped (connections stay open; nothing answers) until the block ends."""
+    pids = server_processes(server)
+
+    def signal_all(sig: signal.Signals) -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):  # a backend that has just exited
+                os.kill(pid, sig)
+
+    signal_all(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        signal_all(signal.SIGCONT)
+
+
 def test_query_timeout_bounds_a_query_on_a_frozen_server() -> None:
     with own_migrated_server() as server:
 
@@ -1123,16 +1142,9 @@ def test_query_timeout_bounds_a_query_on_a_frozen_server() -> None:
             storage = PostgresStorage(server.dsn, wait_timeout=1, query_timeout=1)
             await storage.initialize()
             assert await storage.list_executions() == []
-            frozen = server_processes(server)
-            for pid in frozen:
-                os.kill(pid, signal.SIGSTOP)  # connections stay open; nothing answers
-            try:
-                # The outer wait_for only keeps a regression from hanging the suite.
-                with pytest.raises(StorageUnavailableError, match="did not answer in time"):
-                    await asyncio.wait_for(storage.list_executions(), 120)
-            finally:
-                for pid in frozen:
-                    os.kill(pid, signal.SIGCONT)
+            # The outer wait_for only keeps a regression from hanging the suite.
+            with frozen(server), pytest.raises(StorageUnavailableError, match="did not answer in time"):
+                await asyncio.wait_for(storage.list_executions(), 120)
             assert await storage.list_executions() == []
             await storage.close()
 
@@ -1145,17 +1157,29 @@ def test_ping_on_a_frozen_server_probes_within_its_budget_and_drops_the_pool() -
         async def main() -> None:
             storage = PostgresStorage(server.dsn)
             await storage.ping(5)
-            frozen = server_processes(server)
-            for pid in frozen:
-                os.kill(pid, signal.SIGSTOP)
-            try:
+            with frozen(server):
                 with pytest.raises(StorageUnavailableError, match="did not answer in time"):
                     await asyncio.wait_for(storage.ping(5), 60)  # the outer bound only guards the suite
                 # The probe ran to its end within ping's budget: nothing answered, so the pool is gone.
                 assert storage._pool is None
-            finally:
-                for pid in frozen:
-                    os.kill(pid, signal.SIGCONT)
+            await storage.ping(5)
+            await storage.close()
+
+        asyncio.run(main())
+
+
+def test_a_ping_given_up_by_its_caller_stops_its_check() -> None:
+    with own_migrated_server() as server:
+
+        async def main() -> None:
+            storage = PostgresStorage(server.dsn, wait_timeout=3, query_timeout=2)
+            await storage.ping(5)
+            with frozen(server):
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(storage.ping(10), 0.5)
+                # The check ping started is being cancelled with it, not left to probe on its own later.
+                checks = [t for t in asyncio.all_tasks() if "ping.<locals>.check" in repr(t.get_coro())]
+                assert checks and all(t.done() or t.cancelling() for t in checks), checks
             await storage.ping(5)
             await storage.close()
 
@@ -1200,6 +1224,7 @@ def test_text_a_latin1_database_cannot_hold_matches_nothing() -> None:
                 summary = await storage.get_toolkit_metrics_summary("日本")
                 assert summary["tool_invocations"]["total_calls"] == 0 and summary["by_tool"] == {}
                 assert await storage.list_executions(status="café") == []  # LATIN1 holds é: a real query
+                assert await storage.get_execution("exec\x00_1") is None  # no text holds a NUL
 
         asyncio.run(main())
 

@@ -60,9 +60,12 @@ def _out_of_slots(exc: BaseException) -> bool:
 
 
 def _matchable(value: object, conn: psycopg.AsyncConnection[Any]) -> object:
-    """``value``, or None for a text the database's encoding cannot hold (a LATIN1 database, say): such a
-    text equals no stored one, and ``column = NULL`` matches no row either, while aggregates still answer."""
+    """``value``, or None for a text the database cannot hold (a NUL, or a character outside a LATIN1
+    database's encoding): such a text equals no stored one, and ``column = NULL`` matches no row either,
+    while aggregates still answer."""
     if isinstance(value, str):
+        if "\x00" in value:
+            return None
         try:
             value.encode(conn.info.encoding)
         except UnicodeEncodeError:
@@ -223,7 +226,7 @@ class PostgresStorage:
         self._probe_lock = asyncio.Lock()
         self._probes = 0
         self._last_answer: BaseException | None = None
-        self._background: set[asyncio.Future[None]] = set()  # pings given up on, still cancelling
+        self._background: set[asyncio.Future[None]] = set()  # checks given up on, pool closes (see _keep)
 
     # --- lifecycle ----------------------------------------------------------------------------------
     async def initialize(self) -> None:
@@ -247,17 +250,19 @@ class PostgresStorage:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         task = asyncio.ensure_future(check())
-        # Time kept for a whole probe (and dropping the pool): the pool's own wait may be longer than
-        # ``timeout``, and would end in one.
-        done, _ = await asyncio.wait({task}, timeout=max(timeout - PROBE_TIMEOUT - 1.0, timeout / 3))
+        try:
+            # Time kept for a whole probe (and dropping the pool): the pool's own wait may be longer than
+            # ``timeout``, and would end in one.
+            done, _ = await asyncio.wait({task}, timeout=max(timeout - PROBE_TIMEOUT - 1.0, timeout / 3))
+        finally:
+            if not task.done():
+                # Not waited for (and cancelled with ping, if ping is): on a server that stopped answering,
+                # psycopg gives a cancelled statement up to 10 s before closing its connection.
+                task.cancel()
+                self._keep(task)
         if task in done:
             task.result()  # its error, if any
             return
-        # Not waited for: on a server that stopped answering, psycopg gives a cancelled statement up to
-        # 10 s before closing its connection. Kept referenced until then, its outcome read and dropped.
-        task.cancel()
-        self._background.add(task)
-        task.add_done_callback(_forget(self._background))
         pool, cause = self._pool, None
         if pool is not None:
             with contextlib.suppress(TimeoutError):
@@ -341,8 +346,16 @@ class PostgresStorage:
                 async with self._lock:
                     if self._pool is pool:
                         self._pool = None
-                await pool.close(timeout=1.0)
+                # Shielded: a caller giving up (ping's budget) must not stop the close half-way, before
+                # it fails the queries waiting on the pool.
+                await asyncio.shield(self._keep(asyncio.ensure_future(pool.close(timeout=1.0))))
             return answer
+
+    def _keep(self, task: asyncio.Future[None]) -> asyncio.Future[None]:
+        """Hold ``task`` until it is done, then read and drop its outcome (never reported as unretrieved)."""
+        self._background.add(task)
+        task.add_done_callback(_forget(self._background))
+        return task
 
     async def __aenter__(self) -> Self:
         await self.initialize()
@@ -395,10 +408,7 @@ class PostgresStorage:
 
     async def _fetch(self, query: sql.Composable | str, params: list[object]) -> list[dict[str, Any]]:
         async with self._connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            try:
-                await cur.execute(query, params)
-            except UnicodeEncodeError:  # raised before anything is sent
-                await cur.execute(query, [_matchable(p, conn) for p in params])
+            await cur.execute(query, [_matchable(p, conn) for p in params])
             return await cur.fetchall()
 
     # --- executions ---------------------------------------------------------------------------------
