@@ -32,6 +32,7 @@ import roma_otel
 from roma_otel.config import default_config
 from roma_otel.exporters.postgres import PostgresSpanProcessor
 from roma_otel.exporters.postgres_process import PostgresProcessSpanProcessor
+from roma_otel.storage.localpg import PostgresServer, find_bindir, wait_ready
 from roma_otel.storage.migrate import upgrade
 from roma_otel.storage.rows import classify, tool_invocation_row
 
@@ -149,34 +150,23 @@ APP_CONFIGS = ("writer off", "writer on, thread", "writer on, process")
 APP_METRICS = ("wall", "thread", "cpu", "backlog")
 
 
-def _server_pids(data_dir: Path) -> list[int]:
-    """The processes of the benchmark's own cluster: its postmaster and the postmaster's children."""
-    postmaster = int((data_dir / "postmaster.pid").read_text().split()[0])
-    pids = [postmaster]
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == postmaster:
-                pids.append(int(entry.name))
-        except (OSError, ValueError, IndexError):
-            pass
-    return pids
-
-
 _CPUS = sorted(os.sched_getaffinity(0))  # before any pinning
 
 
-def _pin(writer: Any, data_dir: Path) -> None:
+def _pin(writer: Any, server: PostgresServer) -> None:
     """Postgres and the writer's child process on the last CPU (the application is on the first)."""
     last = {_CPUS[-1]}
     child = getattr(writer, "_proc", None)
-    for pid in _server_pids(data_dir) + ([child.pid] if child is not None else []):
+    for pid in server.processes() + ([child.pid] if child is not None else []):
         try:
             os.sched_setaffinity(pid, last)
         except OSError:  # gone, or not ours to move
             pass
 
 
-def app_overhead(dsn: str, calls: int, rounds: int, pin: Path | None = None) -> dict[str, dict[str, float]]:
+def app_overhead(
+    dsn: str, calls: int, rounds: int, pin: PostgresServer | None = None
+) -> dict[str, dict[str, float]]:
     """Per configuration, interleaved round by round, medians of:
 
     - ``wall``: µs per instrumented tool call on the application thread, during the loop;
@@ -194,7 +184,7 @@ def app_overhead(dsn: str, calls: int, rounds: int, pin: Path | None = None) -> 
 
     Every configuration exports its spans through a BatchSpanProcessor (as any real set-up does), so
     "writer off" pays the SDK's per-span export hand-over too and the difference is the writer's alone.
-    ``pin`` (the benchmark's cluster's data directory): every configuration runs with the application's
+    ``pin`` (the benchmark's own cluster): every configuration runs with the application's
     threads on the first CPU and that Postgres server and the writer's child process on the last, as where
     the database has a host of its own and the writer a spare core (by default they all share every core
     with the application).
@@ -299,8 +289,6 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     dsn = args.dsn
     if dsn is None:
-        from roma_otel.storage.localpg import PostgresServer, find_bindir, wait_ready
-
         bindir = find_bindir()
         if bindir is None:
             print("no PostgreSQL server binaries found; pass --dsn", file=sys.stderr)
@@ -312,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         upgrade(dsn)
         if not args.skip_ingest:
             ingestion(dsn, args)
-        app = app_overhead(dsn, args.app_calls, args.app_rounds, server.data if args.pin and server else None)
+        app = app_overhead(dsn, args.app_calls, args.app_rounds, server if args.pin else None)
         wall, thread, cpu, backlog = app["wall"], app["thread"], app["cpu"], app["backlog"]
         pinned = "; application on the first CPU, Postgres and the writer's child on the last" if args.pin else ""
         print(f"\napplication, one instrumented tool call inside an execution (medians over {args.app_rounds} rounds "

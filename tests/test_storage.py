@@ -18,7 +18,6 @@ import types
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any, TypeVar
 
 import psycopg
@@ -1103,25 +1102,10 @@ def test_a_reconnect_is_bounded_when_the_server_hangs() -> None:
         asyncio.run(main())
 
 
-def server_processes(server: PostgresServer) -> list[int]:
-    """The postmaster and every process it started."""
-    postmaster = int((server.data / "postmaster.pid").read_text().split()[0])
-    children = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == postmaster:
-                children.append(int(entry))
-    return [postmaster, *children]
-
-
 @contextmanager
 def frozen(server: PostgresServer) -> Iterator[None]:
     """Every server process stopped (connections stay open; nothing answers) until the block ends."""
-    pids = server_processes(server)
+    pids = server.processes()
 
     def signal_all(sig: signal.Signals) -> None:
         for pid in pids:

@@ -86,6 +86,21 @@ class PostgresServer:
             "pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.root / "log"), "-w", "-t", "60", "start"
         )
 
+    def processes(self) -> list[int]:
+        """The running cluster's processes: its postmaster, then every process it started (Linux /proc).
+        For callers that move or signal the whole server (the benchmark's CPU pinning, outage tests)."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        pids = [postmaster]
+        for entry in Path("/proc").iterdir():
+            try:
+                # /proc/PID/stat: "pid (command) state ppid ...", where the command may hold spaces.
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) if entry.name.isdigit() else 0
+                if parent == postmaster:
+                    pids.append(int(entry.name))
+            except (OSError, ValueError, IndexError):  # gone meanwhile, or not a process entry
+                pass
+        return pids
+
     def stop(self) -> None:
         with contextlib.suppress(Exception):
             self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
