@@ -21,6 +21,7 @@ from opentelemetry import metrics, trace
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode
 
 from roma_otel import semconv as sc
+from roma_otel.compat import otel as otel_compat
 from roma_otel.redaction import Redactor
 from roma_otel.version import __version__
 
@@ -40,17 +41,7 @@ SCOPE = "roma_otel"  # the instrumentation scope of every span and metric roma-o
 ROOT_EXECUTION_KEY = otel_context.create_key("roma_otel.root_execution")
 
 
-def _suppression_keys() -> tuple[Any, ...] | None:
-    """The context keys ``is_instrumentation_enabled()`` reads, or None if this OTel version hides them."""
-    try:
-        from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
-        from opentelemetry.instrumentation.utils import _SUPPRESS_INSTRUMENTATION_KEY_PLAIN
-    except ImportError:  # pragma: no cover - depends on the installed opentelemetry
-        return None
-    return (_SUPPRESS_INSTRUMENTATION_KEY, _SUPPRESS_INSTRUMENTATION_KEY_PLAIN)
-
-
-_SUPPRESSION_KEYS = _suppression_keys()
+_SUPPRESSION_KEYS = otel_compat.suppression_keys()
 
 
 def enabled_context() -> otel_context.Context | None:
@@ -67,6 +58,7 @@ def enabled_context() -> otel_context.Context | None:
 
         return current if is_instrumentation_enabled() else None
     return None if current.get(keys[0]) or current.get(keys[1]) else current
+
 
 _SCHEMA_URL = "https://opentelemetry.io/schemas/1.37.0"
 
@@ -298,6 +290,8 @@ def _parent_based(tracer_provider: Any) -> bool:
     return isinstance(sampler, ParentBased)
 
 
+_attribute_dict = otel_compat.attribute_dict  # the SDK span's attribute dict (used where verified)
+
 # Attribute values roma-otel may write without the SDK's per-value check: they are stored as they are.
 _PLAIN_VALUE_TYPES = frozenset({str, bool, int, float})
 
@@ -431,7 +425,7 @@ class Telemetry:
         built every value as one of those types itself, so they are not checked again.
         """
         if type(span) is self._direct_span_type:
-            stored = span._attributes._dict  # type: ignore[attr-defined]
+            stored = _attribute_dict(span)
             if len(stored) + len(attributes) <= self._direct_max_attributes and (
                 plain or _PLAIN_VALUE_TYPES.issuperset(map(type, attributes.values()))
             ):
@@ -447,15 +441,17 @@ class Telemetry:
     def _probe(self, span: Span) -> None:
         """Decide once whether spans of this tracer allow the direct path (see ``set_attributes``)."""
         self._probed = True
+        if not otel_compat.paths().attributes:  # the installed SDK's attributes are not as verified
+            return
         try:
             from opentelemetry.attributes import BoundedAttributes
             from opentelemetry.sdk.trace import Span as SdkSpan
 
-            bounded = span._attributes  # type: ignore[attr-defined]
+            bounded = otel_compat.bounded_attributes(span)
             if (
                 isinstance(span, SdkSpan)
                 and type(bounded) is BoundedAttributes
-                and type(bounded._dict) is dict
+                and type(otel_compat.attribute_dict(span)) is dict
                 and bounded.max_value_len is None
             ):
                 self._direct_max_attributes = bounded.maxlen if bounded.maxlen is not None else sys.maxsize

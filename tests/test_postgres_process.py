@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from roma_otel.compat.otel import SdkPaths
+from roma_otel.compat.otel import paths as sdk_paths
+from roma_otel.compat.otel import public_row as _public_snapshot
 from roma_otel.exporters.postgres import PostgresSpanProcessor
 from roma_otel.exporters.postgres_process import (
     _DIRECT_TYPES,
@@ -19,7 +22,6 @@ from roma_otel.exporters.postgres_process import (
     PostgresProcessSpanProcessor,
     SpanRecord,
     _child_environment,
-    _public_snapshot,
     snapshot,
 )
 from roma_otel.storage.rows import classify, span_attributes, tool_invocation_row
@@ -63,7 +65,9 @@ def test_the_snapshot_reads_the_sdk_span_fields_as_its_properties_give_them(tel)
     failing = next(s for s in spans if s.status.description)  # the tool that raised: an error and a message
     for span in spans:
         assert snapshot(span) == _public_snapshot(span)
-    assert type(failing) in _DIRECT_TYPES and snapshot(failing)[6:8] == (2, failing.status.description)
+    # Read directly only where compat.otel verified the SDK's fields (not with ROMA_OTEL_SDK_FAST_PATHS=0).
+    assert (type(failing) in _DIRECT_TYPES) is sdk_paths().row
+    assert snapshot(failing)[6:8] == (2, failing.status.description)
     record = SpanRecord(*snapshot(failing))  # no SDK fields behind its attributes: read through them
     assert snapshot(record) == snapshot(failing) and SpanRecord in _PUBLIC_TYPES
 
@@ -252,7 +256,8 @@ def test_a_forked_child_does_not_connect_until_it_writes(tmp_path: Path) -> None
         listener.close()
 
 
-def test_snapshot_falls_back_per_span_when_attributes_are_not_the_sdks(tel) -> None:
+def test_snapshot_falls_back_per_span_when_attributes_are_not_the_sdks(tel, monkeypatch) -> None:
+    monkeypatch.setattr("roma_otel.exporters.postgres_process.otel_paths", lambda: SdkPaths(True, True, True))
     from opentelemetry.attributes import BoundedAttributes
     from opentelemetry.sdk.trace import ReadableSpan
     from opentelemetry.trace import SpanContext

@@ -263,7 +263,10 @@ def test_spans_ending_on_many_threads_at_once_are_queued_once_each_within_the_bo
     try:
         for bound in (1_000_000, 50):
             # Distinct objects, kept alive, so that "once each" can be checked by identity.
-            spans = [[SimpleNamespace(_instrumentation_scope=scope) for _ in range(per_thread)] for _ in range(4)]
+            spans = [
+                [SimpleNamespace(_instrumentation_scope=scope, instrumentation_scope=scope) for _ in range(per_thread)]
+                for _ in range(4)
+            ]
             writer = PostgresSpanProcessor(
                 "postgresql://nobody@127.0.0.1:1/none", spool_dir=tmp_path, max_queue_size=bound,
                 flush_interval=3600, connect_early=False,

@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from opentelemetry import context as otel_context
-from opentelemetry.instrumentation.utils import _SUPPRESS_INSTRUMENTATION_KEY
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 
 from roma_otel import semconv as sc
+from roma_otel.compat.otel import scope_getter, suppressed_context
 from roma_otel.storage.rows import ROOT, Batch, classify, span_error, to_batch, tool_metadata
 from roma_otel.telemetry import SCOPE
 
@@ -322,6 +322,7 @@ class QueueingSpanProcessor(SpanProcessor):
         self._drop_logged = False
         self._shutdown = False
         self._queue: collections.deque[Any] = collections.deque()
+        self._scope_of = scope_getter()
         self._new_locks()
 
     def _new_locks(self) -> None:
@@ -356,7 +357,7 @@ class QueueingSpanProcessor(SpanProcessor):
         # takes no lock: deque.append is atomic, and spans leave the queue only under _lock, so a length
         # read there never shrinks. 0.11 µs a span, against 0.30 with the lock and the property.
         try:
-            scope = span._instrumentation_scope  # the SDK's field behind the property
+            scope = self._scope_of(span)  # the SDK's field behind the property, where verified
         except AttributeError:
             scope = span.instrumentation_scope
         if scope is None or scope.name != SCOPE or self._shutdown:
@@ -533,7 +534,7 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
 
     def _run(self) -> None:
         # The worker's own queries must never be traced (a traced database driver would loop back here).
-        otel_context.attach(otel_context.set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
+        otel_context.attach(suppressed_context())
         if self._connect_early:
             self.connect()
         while not self._shutdown:

@@ -24,7 +24,6 @@ import collections
 import functools
 import gc
 import logging
-import operator
 import os
 import pickle
 import select
@@ -44,8 +43,9 @@ except ImportError:  # pragma: no cover - not on Windows
 
 from opentelemetry.trace import StatusCode
 
+from roma_otel.compat.otel import SDK_ROOT_ROW, SDK_ROW, bounded_attributes, bounded_dict, parent_field, public_row
+from roma_otel.compat.otel import paths as otel_paths
 from roma_otel.exporters.postgres import PostgresSpanProcessor, QueueingSpanProcessor
-from roma_otel.storage.rows import span_attributes
 
 __all__ = ["PostgresProcessSpanProcessor", "SpanRecord"]
 
@@ -137,14 +137,14 @@ def snapshot(span: Any) -> tuple[Any, ...]:
     """A finished span as plain values; ``SpanRecord(*snapshot(span))`` reads the same.
 
     The feeder does this for every span. On the SDK's span class it reads the fields behind the
-    properties in one C call (``_SDK_ROW``: 0.28 µs a span instead of 0.6), once a first span of that
+    properties in one C call (``compat.otel.SDK_ROW``: 0.28 µs a span instead of 0.6), once a first span of that
     class with the SDK's attributes has shown that both ways give the same values; any other class is
     read through its public properties.
     """
     kind = type(span)
     if kind in _DIRECT_TYPES:
         return _direct_snapshot(span)
-    public = _public_snapshot(span)
+    public = public_row(span)
     if kind not in _PUBLIC_TYPES:
         _probe(kind, span, public)
     return public
@@ -152,52 +152,36 @@ def snapshot(span: Any) -> tuple[Any, ...]:
 
 def _direct_snapshot(span: Any) -> tuple[Any, ...]:
     try:
-        return (_SDK_ROW if span._parent is not None else _SDK_ROOT_ROW)(span)
+        return (SDK_ROW if parent_field(span) is not None else SDK_ROOT_ROW)(span)
     except AttributeError:  # a ReadableSpan built with a plain dict or None for its attributes
-        return _public_snapshot(span)
+        return public_row(span)
 
 
-def _public_snapshot(span: Any) -> tuple[Any, ...]:
-    parent = span.parent
-    status = span.status
-    context = span.context
-    return (
-        span.name, context.trace_id, context.span_id, parent.span_id if parent is not None else None,
-        span.start_time, span.end_time, status.status_code.value, status.description, span_attributes(span),
-    )  # fmt: skip
-
-
-def _row_getter(parent: str) -> operator.attrgetter[Any]:
-    return operator.attrgetter(
-        "_name", "_context.trace_id", "_context.span_id", parent, "_start_time", "_end_time",
-        "_status._status_code._value_", "_status._description", "_attributes._dict",
-    )  # fmt: skip
-
-
-# The whole snapshot in one C call, dotted paths included (0.28 µs a span instead of 0.47 for reading
-# the seven fields and then their parts in Python): one getter for a span with a parent, one for a root
-# (its ``_parent`` is None, which is what the snapshot holds for it). Either fails with AttributeError
-# on attributes that are not the SDK's BoundedAttributes (whose ``_dict`` it reads).
-_SDK_ROW = _row_getter("_parent.span_id")
-_SDK_ROOT_ROW = _row_getter("_parent")
+# The whole snapshot in one C call, dotted paths included (compat.otel.SDK_ROW: 0.28 µs a span instead
+# of 0.47 for reading the seven fields and then their parts in Python): one getter for a span with a
+# parent, one for a root. Either fails with AttributeError on attributes that are not the SDK's.
 _DIRECT_TYPES: set[type] = set()  # span classes whose fields snapshot() reads directly
 _PUBLIC_TYPES: set[type] = set()  # span classes read through their properties
 
 
 def _probe(kind: type, span: Any, public: tuple[Any, ...]) -> None:
+    if not otel_paths().row:  # the installed SDK's span fields are not as compat.otel verified them
+        _PUBLIC_TYPES.add(kind)
+        return
     try:
-        attributes = span._attributes
+        attributes = bounded_attributes(span)
     except AttributeError:  # not built like the SDK's span
         _PUBLIC_TYPES.add(kind)
         return
-    if type(getattr(attributes, "_dict", None)) is not dict:
+    inner = bounded_dict(attributes)
+    if type(inner) is not dict:
         return  # attributes that are not the SDK's: this span cannot tell, the next one may
     try:
-        direct = (_SDK_ROW if span._parent is not None else _SDK_ROOT_ROW)(span)
+        direct = _direct_snapshot(span)
     except Exception:  # not built like the SDK's span
         _PUBLIC_TYPES.add(kind)
         return
-    agrees = direct == public and type(direct[-1]) is dict and direct[-1] is span_attributes(span)
+    agrees = direct == public and type(direct[-1]) is dict and direct[-1] is inner
     (_DIRECT_TYPES if agrees else _PUBLIC_TYPES).add(kind)
 
 

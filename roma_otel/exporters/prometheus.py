@@ -28,6 +28,7 @@ class PrometheusEndpoint:
     port: int
     _server: Any
     _thread: Any
+    _release: Any = None  # gives the reader's collector back before shutdown (compat.otel.prometheus_reader)
 
     @property
     def url(self) -> str:
@@ -38,16 +39,19 @@ class PrometheusEndpoint:
             self._server.shutdown()
             self._server.server_close()
         finally:
+            if self._release is not None:
+                self._release()
             self.meter_provider.shutdown()
 
 
 def start_prometheus_endpoint(host: str = "127.0.0.1", port: int = 9464) -> PrometheusEndpoint:
     """Serve roma-otel's metrics at ``http://host:port/metrics``; port 0 picks a free port."""
-    from opentelemetry.exporter.prometheus import PrometheusMetricReader
     from prometheus_client import CollectorRegistry, start_http_server
 
+    from roma_otel.compat.otel import prometheus_reader
+
     registry = CollectorRegistry(auto_describe=True)
-    reader = PrometheusMetricReader(registry=registry)
+    reader, release = prometheus_reader(registry)
     provider = MeterProvider(
         metric_readers=[reader],
         resource=Resource.create({"service.name": "roma-otel", "service.version": __version__}),
@@ -55,10 +59,9 @@ def start_prometheus_endpoint(host: str = "127.0.0.1", port: int = 9464) -> Prom
     try:
         server, thread = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:
+        release()
         provider.shutdown()
-        raise OSError(
-            f"observability.prometheus: cannot listen on {host}:{port}: {exc.strerror or exc}"
-        ) from exc
+        raise OSError(f"observability.prometheus: cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     actual_port = server.server_port
     logger.info("roma-otel: Prometheus metrics at http://%s:%d/metrics", host, actual_port)
-    return PrometheusEndpoint(provider, host, actual_port, server, thread)
+    return PrometheusEndpoint(provider, host, actual_port, server, thread, release)

@@ -16,6 +16,8 @@ from typing import Any
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 
 from roma_otel import telemetry
+from roma_otel.compat import degraded
+from roma_otel.compat import otel as otel_compat
 from roma_otel.config import RomaOtelConfig, load_config
 from roma_otel.instrumentation.patching import Patcher
 from roma_otel.package import _instruments
@@ -64,25 +66,29 @@ class RomaInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             meter_provider = self._endpoint.meter_provider
 
         tel = telemetry.Telemetry(config, kwargs.get("tracer_provider"), meter_provider)
+        otel_compat.paths()  # verify the SDK's private fast paths now, on the installed SDK
         patcher = Patcher()
-        try:
-            from roma_otel.instrumentation.lm import instrument_lm
-            from roma_otel.instrumentation.modules import instrument_modules
-            from roma_otel.instrumentation.roma import instrument_roma
-            from roma_otel.instrumentation.threads import instrument_threads
-            from roma_otel.instrumentation.tools import instrument_tools
+        from roma_otel.instrumentation.lm import instrument_lm
+        from roma_otel.instrumentation.modules import instrument_modules
+        from roma_otel.instrumentation.roma import instrument_roma
+        from roma_otel.instrumentation.threads import instrument_threads
+        from roma_otel.instrumentation.tools import instrument_tools
 
-            instrument_modules(patcher)
-            instrument_lm(patcher)
-            instrument_threads(patcher)
-            instrument_tools(patcher, config.observability.toolkit_metrics.toolkit_base_classes)
-            instrument_roma(patcher)
-        except Exception:
-            patcher.restore_all()
-            if self._endpoint is not None:
-                self._endpoint.shutdown()
-                self._endpoint = None
-            raise
+        base_classes = config.observability.toolkit_metrics.toolkit_base_classes
+        # Each part on its own: one that meets a shape it does not know is skipped with a warning (see
+        # compat.degraded) and the others still instrument; nothing of it is raised into the program.
+        for package, what, step in (
+            ("dspy", "module spans", lambda: instrument_modules(patcher)),
+            ("dspy", "LM spans", lambda: instrument_lm(patcher)),
+            ("dspy", "trace context across dspy.Parallel worker threads", lambda: instrument_threads(patcher)),
+            ("dspy", "tool spans", lambda: instrument_tools(patcher, base_classes)),
+            ("roma-dspy", "ROMA executions, tasks and toolkit lifecycle", lambda: instrument_roma(patcher)),
+        ):
+            try:
+                step()
+            except Exception as err:
+                degraded.report(package, what, err)
+        degraded.take_uncounted(tel)
         self._patcher = patcher
         self._postgres = self._start_postgres(config, tel, kwargs.get("tracer_provider"))
         self._mlflow = None

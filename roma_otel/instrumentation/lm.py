@@ -1,8 +1,9 @@
 """GenAI spans and usage metrics for DSPy LM calls (``BaseLM.__call__`` / ``acall``).
 
-The span wraps the public call; the numbers come from DSPy's own ``CallResult``, caught where
-``dspy.clients.execution.finalize`` receives it: usage, the provider's cost and the cache-hit flag
-exactly as DSPy saw them, without reading ``lm.history`` (which threads share and users can disable).
+The span wraps the public call; the numbers come from DSPy's own result for this call, caught where the
+installed DSPy hands it on (``compat.dspy``: ``execution.finalize`` on 3.4, ``_finalize_lm_response`` /
+``_process_lm_response`` before): usage, the provider's cost and the cache-hit flag exactly as DSPy saw
+them, without reading ``lm.history`` (which threads share and users can disable).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from opentelemetry.trace import SpanKind
 
 from roma_otel import semconv as sc
 from roma_otel import telemetry
+from roma_otel.compat import dspy as dspy_compat
 from roma_otel.context import _EXECUTION, _TASK
 from roma_otel.cost import UNKNOWN, compute_cost
 from roma_otel.instrumentation.modules import current_module_label
@@ -135,15 +137,13 @@ def _tokens(usage: dict[str, Any], key: str) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _exit(
-    tel: Telemetry, state: tuple[Any, ...], exc: BaseException | None, messages: Any, outputs: Any
-) -> None:
+def _exit(tel: Telemetry, state: tuple[Any, ...], exc: BaseException | None, messages: Any, outputs: Any) -> None:
     call_token, call, span, otel_token, model, provider, request_model, op, start = state
     try:
         latency_s = time.perf_counter() - start
         latency_ms = latency_s * 1000.0
         module = current_module_label()
-        result = call.result
+        result = dspy_compat.resolve(call.result)
         error_type = mark_error(span, exc) if exc is not None else None
 
         cache_hit = bool(getattr(result, "cache_hit", False)) if result is not None else False
@@ -286,19 +286,17 @@ def _async_call(original: Any) -> Any:
     return acall
 
 
-def _finalize_wrapper(original: Any) -> Any:
-    @functools.wraps(original)
-    def finalize(lm: Any, call: Any, result: Any) -> Any:
-        pending = _CALL.get()
-        if pending is not None and pending.lm is lm and pending.result is None:
-            pending.result = result
-        return original(lm, call, result)
-
-    return finalize
+def _capture(lm: Any, captured: Any) -> None:
+    """Keep a result hook's capture for the call in flight on ``lm`` (the first one: nested calls)."""
+    pending = _CALL.get()
+    if pending is not None and pending.lm is lm and pending.result is None:
+        pending.result = captured
 
 
 def instrument_lm(patcher: Patcher) -> None:
-    from dspy.clients import base_lm, execution
+    base = dspy_compat.base_lm_class()
+    if base is None:
+        return
 
     # BaseLM and every subclass that defines its own entry points (a custom LM, or another
     # instrumentation's wrapper placed on dspy.LM), now and later; nested calls on one LM make one span.
@@ -306,11 +304,7 @@ def instrument_lm(patcher: Patcher) -> None:
         patcher.wrap_function(cls, "__call__", _sync_call)
         patcher.wrap_function(cls, "acall", _async_call)
 
-    for cls in (base_lm.BaseLM, *all_subclasses(base_lm.BaseLM)):
+    for cls in (base, *all_subclasses(base)):
         wrap(cls)
-    install_subclass_hook(patcher, base_lm.BaseLM, wrap)
-    # BaseLM.__call__ imports finalize from the module at call time, so patching the module works.
-    original = execution.finalize
-    wrapper = _finalize_wrapper(original)
-    wrapper._roma_otel_original = original  # type: ignore[attr-defined]
-    patcher.replace(execution, "finalize", wrapper)
+    install_subclass_hook(patcher, base, wrap)
+    dspy_compat.install_lm_result_hooks(patcher, base, _capture)

@@ -201,9 +201,11 @@ def _wrap_class(patcher: Patcher, cls: type) -> None:
 
 
 def instrument_modules(patcher: Patcher) -> None:
-    import dspy
+    from roma_otel.compat.dspy import module_class
 
-    base = dspy.Module
+    base = module_class()
+    if base is None:
+        return
     for cls in (base, *all_subclasses(base)):
         _wrap_class(patcher, cls)
     install_subclass_hook(patcher, base, lambda cls: _wrap_class(patcher, cls))

@@ -181,16 +181,16 @@ def _log_eval(
 
 def instrument_optimizers(patcher: Patcher, sink: RunSink) -> None:
     """Wrap ``compile`` on ``Teleprompter`` and each subclass (now and later) and ``Evaluate.__call__``."""
-    try:
-        from dspy.evaluate.evaluate import Evaluate
-        from dspy.teleprompt.teleprompt import Teleprompter
-    except ImportError:  # pragma: no cover - dspy without optimizers
-        return
+    from roma_otel.compat.dspy import evaluate_class, teleprompter_class
 
     def wrap(cls: type) -> None:
         patcher.wrap_function(cls, "compile", lambda original: _compile_wrapper(original, sink))
 
-    for cls in (Teleprompter, *all_subclasses(Teleprompter)):
-        wrap(cls)
-    install_subclass_hook(patcher, Teleprompter, wrap)
-    patcher.wrap_function(Evaluate, "__call__", lambda original: _evaluate_wrapper(original, sink))
+    teleprompter = teleprompter_class()
+    if teleprompter is not None:
+        for cls in (teleprompter, *all_subclasses(teleprompter)):
+            wrap(cls)
+        install_subclass_hook(patcher, teleprompter, wrap)
+    evaluate = evaluate_class()
+    if evaluate is not None:
+        patcher.wrap_function(evaluate, "__call__", lambda original: _evaluate_wrapper(original, sink))

@@ -60,6 +60,8 @@ def _wrap_execute(original: Any) -> Any:
 
 
 def instrument_threads(patcher: Patcher) -> None:
-    from dspy.utils.parallelizer import ParallelExecutor
+    from roma_otel.compat.dspy import parallel_executor_class
 
-    patcher.wrap_function(ParallelExecutor, "execute", _wrap_execute)
+    executor = parallel_executor_class()
+    if executor is not None:
+        patcher.wrap_function(executor, "execute", _wrap_execute)

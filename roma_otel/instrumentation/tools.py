@@ -26,6 +26,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from roma_otel import semconv as sc
 from roma_otel import telemetry
+from roma_otel.compat.dspy import REACT_MODULE, REACT_SENTINEL_QUALNAMES
 from roma_otel.context import _EXECUTION, _TASK, ToolInvocation
 from roma_otel.instrumentation.modules import current_module_label
 from roma_otel.instrumentation.patching import Patcher, all_subclasses, install_subclass_hook
@@ -316,9 +317,9 @@ def _not_traced(func: Any) -> bool:
     """
     if getattr(func, TOOL_MARK, False):
         return True
-    return getattr(func, "__module__", None) == "dspy.predict.react" and str(
-        getattr(func, "__qualname__", "")
-    ).startswith(("ReAct.__init__.", "ReActV2."))
+    return getattr(func, "__module__", None) == REACT_MODULE and str(getattr(func, "__qualname__", "")).startswith(
+        REACT_SENTINEL_QUALNAMES
+    )
 
 
 def _dspy_tool_sync(original: Any) -> Any:
@@ -345,10 +346,12 @@ def _dspy_tool_async(original: Any) -> Any:
 
 def instrument_tools(patcher: Patcher, base_class_paths: tuple[str, ...]) -> None:
     global _ACTIVE_PATCHER
-    from dspy.adapters.types.tool import Tool
+    from roma_otel.compat.dspy import tool_class
 
-    patcher.wrap_function(Tool, "__call__", _dspy_tool_sync)
-    patcher.wrap_function(Tool, "acall", _dspy_tool_async)
+    tool = tool_class()
+    if tool is not None:
+        patcher.wrap_function(tool, "__call__", _dspy_tool_sync)
+        patcher.wrap_function(tool, "acall", _dspy_tool_async)
     for path in base_class_paths:
         base = _import_class(path)
         if base is not None:

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
-from opentelemetry.instrumentation.utils import _SUPPRESS_INSTRUMENTATION_KEY
 
+from roma_otel.compat.otel import suppressed_context
 from roma_otel.mlflow.groups import current_scope
 from roma_otel.mlflow.manager import MLflowManager, is_http_uri
 from roma_otel.mlflow.runs import RunRecord, execution_run
@@ -248,7 +248,7 @@ class MLflowBridge:
     # --- worker -----------------------------------------------------------------------------------------
     def _run(self) -> None:
         # The worker's own HTTP and database calls must never be traced back into the program's telemetry.
-        otel_context.attach(otel_context.set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
+        otel_context.attach(suppressed_context())
         while not self._stop:
             wait = self._retry_at - time.monotonic() if self._retry_at else None
             if not self._queue or (wait is not None and wait > 0):

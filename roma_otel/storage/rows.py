@@ -16,6 +16,7 @@ from typing import Any
 from opentelemetry.trace import StatusCode
 
 from roma_otel import semconv as sc
+from roma_otel.compat.otel import ended_attributes
 
 __all__ = [
     "Batch",
@@ -65,20 +66,11 @@ def _ids(span: Any) -> dict[str, Any]:
     return {"otel_trace_id": _hex_trace(span), "span_id": _hex_span(span.context.span_id)}
 
 
-def span_attributes(span: Any) -> dict[str, Any]:
-    """The span's attributes as a plain dict.
-
-    ``ReadableSpan.attributes`` is a read-only proxy over a pure-Python mapping whose missing-key lookups
-    raise and catch KeyError: several microseconds per span here. The SDK keeps a plain dict inside;
-    read it when it is there (the span has ended, so it no longer changes), else copy once.
-    """
-    inner = getattr(getattr(span, "_attributes", None), "_dict", None)
-    if isinstance(inner, dict):
-        return inner
-    attrs = span.attributes
-    if type(attrs) is dict:  # a SpanRecord from the writer process: already a private plain dict
-        return attrs
-    return dict(attrs or {})
+# The span's attributes as a plain dict. ``ReadableSpan.attributes`` is a read-only proxy over a
+# pure-Python mapping whose missing-key lookups raise and catch KeyError: several microseconds per span
+# here. The SDK keeps a plain dict inside, read where compat.otel verified it (the span has ended, so it
+# no longer changes); else the attributes are copied once.
+span_attributes = ended_attributes
 
 
 def classify(span: Any, attrs: dict[str, Any] | None = None) -> str | None:
