@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRat
 import roma_otel
 from roma_otel import RomaInstrumentor, telemetry
 from roma_otel import semconv as sc
+from roma_otel.compat.dspy import detect_lm_hooks
 from roma_otel.config import ConfigError, load_config
 from roma_otel.instrumentation.patching import ORIGINAL_ATTR
 from tests.conftest import answer_lm
@@ -85,7 +86,10 @@ def run_agent(n: int = 1) -> list[str]:
 
 
 # --- restore exactly ------------------------------------------------------------------------------------
-_METHOD_NAMES = ("forward", "aforward", "__call__", "acall", "execute", "__init_subclass__")
+_METHOD_NAMES = (
+    "forward", "aforward", "__call__", "acall", "execute", "__init_subclass__",
+    "_finalize_lm_response", "_process_lm_response",  # LM result hooks before DSPy 3.4 (compat.dspy)
+)  # fmt: skip
 
 
 def _walk_subclasses(base: type) -> list[type]:
@@ -111,10 +115,18 @@ def _target_classes() -> list[type]:
     return list(dict.fromkeys(classes))
 
 
-def _snapshot() -> dict[Any, Any]:
-    from dspy.clients import execution
+def _execution_module() -> Any:
+    """DSPy's execution module where the installed DSPy has one (3.4; compat.dspy hooks its finalize)."""
+    from dspy.clients.base_lm import BaseLM
 
-    snap: dict[Any, Any] = {("module", "dspy.clients.execution.finalize"): execution.finalize}
+    return detect_lm_hooks(BaseLM).finalize_module
+
+
+def _snapshot() -> dict[Any, Any]:
+    execution = _execution_module()
+    snap: dict[Any, Any] = {}
+    if execution is not None:
+        snap[("module", "dspy.clients.execution.finalize")] = execution.finalize
     for cls in _target_classes():
         for name in (*_METHOD_NAMES, *(n for n in ("lookup", "explode") if cls is LifecycleToolkit)):
             snap[(cls, name)] = cls.__dict__.get(name, _ABSENT)
@@ -139,10 +151,9 @@ def _ours(value: Any) -> bool:
 
 def _leftovers() -> list[str]:
     """Every roma-otel wrapper still installed on a DSPy/ROMA/test class or DSPy's execution module."""
-    from dspy.clients import execution
-
+    execution = _execution_module()
     found = []
-    if _ours(execution.finalize) or hasattr(execution.finalize, "__wrapped__"):
+    if execution is not None and (_ours(execution.finalize) or hasattr(execution.finalize, "__wrapped__")):
         found.append("dspy.clients.execution.finalize")
     prefixes = ("dspy", "roma_dspy", "roma_otel", __name__, "tests.")
     for cls in [object, *_walk_subclasses(object)]:
@@ -160,10 +171,10 @@ def test_uninstrument_restores_every_original_object(make_tel: Any) -> None:
 
     tel = make_tel()
     from dspy.adapters.types.tool import Tool
-    from dspy.clients import execution
     from dspy.clients.base_lm import BaseLM
     from dspy.utils.parallelizer import ParallelExecutor
 
+    hooks = detect_lm_hooks(BaseLM)
     # Instrumented: these really are wrapped, so the restore below is not vacuous.
     for owner, name in (
         (dspy.Predict, "forward"),
@@ -176,7 +187,10 @@ def test_uninstrument_restores_every_original_object(make_tel: Any) -> None:
         (LifecycleToolkit, "lookup"),
     ):
         assert _ours(owner.__dict__[name]), (owner, name)
-    assert _ours(execution.finalize)
+    if hooks.finalize_module is not None:
+        assert _ours(hooks.finalize_module.finalize)
+    for name in ("_finalize_lm_response", "_process_lm_response"):
+        assert _ours(BaseLM.__dict__.get(name)) is getattr(hooks, name.lstrip("_")), name
     assert run_agent() == ["done"]
     assert len(tel.spans_named(LM_SPAN)) == LM_CALLS
 
@@ -195,7 +209,8 @@ def test_uninstrument_restores_every_original_object(make_tel: Any) -> None:
             # DSPy's own with_callbacks decorators carry __wrapped__ (BaseLM.__call__, Tool.__call__);
             # everything else must carry none.
             assert not hasattr(value, "__wrapped__"), (owner, name)
-    assert ORIGINAL_ATTR not in vars(execution.finalize)
+    if hooks.finalize_module is not None:
+        assert ORIGINAL_ATTR not in vars(hooks.finalize_module.finalize)
     assert "__init_subclass__" not in dspy.Module.__dict__ or not _ours(dspy.Module.__dict__["__init_subclass__"])
     assert _leftovers() == []
 
