@@ -55,6 +55,18 @@ CORE_TESTS = [
     "tests/test_mlflow.py",
 ]
 
+# What the SDK's private fast paths touch (compat.otel): run again with ROMA_OTEL_SDK_FAST_PATHS=0 on the
+# SDK floor and the newest SDK, so the public-API fallback is proven to give the same spans and rows.
+FAST_PATH_TESTS = [
+    "tests/test_contract.py",
+    "tests/test_compat.py",
+    "tests/test_span_attributes.py",
+    "tests/test_lm.py",
+    "tests/test_tools.py",
+    "tests/test_postgres_writer.py",
+    "tests/test_postgres_process.py",
+]
+
 # Runtime extras whose minimums the floor cell pins (dev's test tools stay newest; its `mlflow`, the
 # tracking server the MLflow tests start, is a runtime peer and is pinned too).
 _FLOOR_EXTRAS = ("instruments", "demo", "postgres", "api", "mlflow")
@@ -88,7 +100,7 @@ def _constraints_file(session: nox.Session, lines: list[str]) -> str:
     return str(path)
 
 
-def _run_cell(session: nox.Session, constraints: list[str], tests: list[str] | None) -> None:
+def _run_cell(session: nox.Session, constraints: list[str], tests: list[str] | None, fallback: bool = False) -> None:
     args = ["-e", f"{ROOT}[dev]"]
     if constraints:
         args += ["-c", _constraints_file(session, constraints)]
@@ -99,7 +111,10 @@ def _run_cell(session: nox.Session, constraints: list[str], tests: list[str] | N
         "('dspy', 'litellm', 'opentelemetry-sdk', 'opentelemetry-exporter-prometheus', 'mlflow')))",
     )  # fmt: skip
     env = {"ROMA_OTEL_CELL": session.name, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
-    session.run("python", "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *(tests or []), *session.posargs, env=env)
+    pytest = ("python", "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider")
+    session.run(*pytest, *(tests or []), *session.posargs, env=env)
+    if fallback and not session.posargs:
+        session.run(*pytest, *FAST_PATH_TESTS, env={**env, "ROMA_OTEL_SDK_FAST_PATHS": "0"})
 
 
 # CPython 3.13 is not a system Python here: scripts/python313.sh unpacks Debian's and prints its path,
@@ -109,8 +124,8 @@ PY313 = os.environ.get("ROMA_OTEL_PY313") or "3.13"
 
 @nox.session(python="3.11")
 def latest(session: nox.Session) -> None:
-    """The newest release of everything, on CPython 3.11: the whole suite."""
-    _run_cell(session, [], None)
+    """The newest release of everything, on CPython 3.11: the whole suite, and the SDK fallback."""
+    _run_cell(session, [], None, fallback=True)
 
 
 @nox.session(name="latest-3.13", python=PY313)
@@ -121,8 +136,8 @@ def latest_313(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def floor(session: nox.Session) -> None:
-    """Every runtime dependency at its declared minimum."""
-    _run_cell(session, floor_constraints(), CORE_TESTS)
+    """Every runtime dependency at its declared minimum, and the SDK fallback."""
+    _run_cell(session, floor_constraints(), CORE_TESTS, fallback=True)
 
 
 @nox.session(name="roma-lock", python="3.11")

@@ -122,9 +122,26 @@ def _reset_dspy() -> Iterator[None]:
 
     yield
     dspy.configure(lm=None)
+    _forget_litellm_logging_worker()
     instrumentor = RomaInstrumentor()
     if instrumentor.is_instrumented_by_opentelemetry:
         instrumentor.uninstrument()
+
+
+def _forget_litellm_logging_worker() -> None:
+    """Let the next event loop start litellm's logging worker afresh.
+
+    litellm (1.78 at least) keeps one global LoggingWorker whose asyncio.Queue and task belong to the
+    first loop that used it; on a later ``asyncio.run`` its shutdown can wait many seconds on logging
+    coroutines of a loop that is gone. A test process runs many loops, a program normally one.
+    """
+    import sys
+
+    module = sys.modules.get("litellm.litellm_core_utils.logging_worker")
+    worker = getattr(module, "GLOBAL_LOGGING_WORKER", None)
+    if worker is not None and hasattr(worker, "_queue"):
+        worker._queue = None
+        worker._worker_task = None
 
 
 def answer_lm(model: str = "openai/gpt-4o-mini", **fields: str) -> Any:

@@ -82,7 +82,11 @@ class Aggregator(dspy.Module):
 
 
 def run_program() -> None:
-    dspy.configure(lm=answer_lm(answer="42"))
+    # temperature and max_tokens given: DSPy 3.0-3.3's dspy.LM defaults them (0.0, 4000) and 3.4's does not,
+    # and the LM span records what the request really carried.
+    lm = answer_lm(answer="42")
+    lm.kwargs.update(temperature=0.0, max_tokens=1000)
+    dspy.configure(lm=lm)
     with roma_otel.execution("contract goal", max_depth=2, solver_type="ContractSolver"):
         Executor().forward(question="first")  # a role module called through forward, as ROMA does
         dspy.Parallel(num_threads=2)([(Executor(), {"question": q}) for q in ("a", "b")])

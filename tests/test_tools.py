@@ -291,7 +291,9 @@ class FakeMCPSession:
         self.calls.append((name, arguments))
         from mcp.types import TextContent  # the stub below
 
-        return types.SimpleNamespace(content=[TextContent(f"result for {arguments['path']}")], is_error=False)
+        # isError is the MCP result's field (DSPy 3.0 reads it); is_error what later DSPy versions read.
+        content = [TextContent(f"result for {arguments['path']}")]
+        return types.SimpleNamespace(content=content, is_error=False, isError=False)
 
 
 def test_converted_langchain_and_mcp_tools_are_traced(tel: Any, monkeypatch: pytest.MonkeyPatch) -> None:

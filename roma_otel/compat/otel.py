@@ -122,6 +122,9 @@ def probe() -> SdkPaths:
     try:
         tracer = TracerProvider().get_tracer("roma_otel.compat.probe", "0")
         root = tracer.start_span("probe-root", attributes={"a": 1})
+        if not isinstance(root, SdkSpan):  # OTEL_SDK_DISABLED (the writer process): no SDK span to read
+            root.end()
+            return PUBLIC
         child = tracer.start_span("probe-child", set_span_in_context(root), attributes={"b": "x"})
         bounded = bounded_attributes(child)
         attributes = (
