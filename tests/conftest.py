@@ -122,26 +122,36 @@ def _reset_dspy() -> Iterator[None]:
 
     yield
     dspy.configure(lm=None)
-    _forget_litellm_logging_worker()
     instrumentor = RomaInstrumentor()
     if instrumentor.is_instrumented_by_opentelemetry:
         instrumentor.uninstrument()
 
 
-def _forget_litellm_logging_worker() -> None:
-    """Let the next event loop start litellm's logging worker afresh.
+def _inline_litellm_logging() -> None:
+    """Run litellm's async logging callbacks as plain tasks instead of through its LoggingWorker.
 
-    litellm (1.78 at least) keeps one global LoggingWorker whose asyncio.Queue and task belong to the
-    first loop that used it; on a later ``asyncio.run`` its shutdown can wait many seconds on logging
-    coroutines of a loop that is gone. A test process runs many loops, a program normally one.
+    litellm 1.78 (ROMA's lock) queues them to one global LoggingWorker task; when ``asyncio.run`` ends,
+    cancelling that worker can wait forever on the callback it is running (seen with and without
+    roma-otel: dspy 3.0.4b1, six concurrent ``acall`` in one ``asyncio.run``). Tests run many loops; a
+    plain task per callback ends with its loop. Newer litellm does not hang either way.
     """
-    import sys
+    import asyncio
 
-    module = sys.modules.get("litellm.litellm_core_utils.logging_worker")
-    worker = getattr(module, "GLOBAL_LOGGING_WORKER", None)
-    if worker is not None and hasattr(worker, "_queue"):
-        worker._queue = None
-        worker._worker_task = None
+    try:
+        from litellm.litellm_core_utils import logging_worker
+    except ImportError:
+        return
+    worker = getattr(logging_worker, "GLOBAL_LOGGING_WORKER", None)
+    if worker is None or not hasattr(worker, "ensure_initialized_and_enqueue"):
+        return
+
+    def enqueue(async_coroutine: Any) -> None:
+        asyncio.get_running_loop().create_task(async_coroutine)
+
+    worker.ensure_initialized_and_enqueue = enqueue
+
+
+_inline_litellm_logging()
 
 
 def answer_lm(model: str = "openai/gpt-4o-mini", **fields: str) -> Any:

@@ -503,7 +503,8 @@ def test_coexists_with_openinference_instrumented_first(make_tel: Any) -> None:
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(other))
     openinference = DSPyInstrumentor()
-    openinference.instrument(tracer_provider=provider)
+    # skip_dep_check: its "dspy >= ..." range admits no pre-release, so it refuses ROMA's dspy 3.0.4b1.
+    openinference.instrument(tracer_provider=provider, skip_dep_check=True)
     try:
         tel = make_tel()
         try:
