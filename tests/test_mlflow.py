@@ -613,7 +613,9 @@ def test_exit_with_mlflow_down_is_bounded_by_the_flush_timeout(tmp_path: Path) -
     lines = proc.stdout.splitlines()
     assert lines[0] == "Paris"
     done = float(lines[1].split()[1])
-    assert ended - done < 1.0 + 2.0  # the atexit flush waited its second, then the interpreter left
+    # The atexit flush waited its second, then the interpreter left: well under the 10 s default (the
+    # slack is for interpreter shutdown on a loaded 2-core machine, which has taken 2.2 s).
+    assert ended - done < 1.0 + 5.0
     assert "dropped 1 MLflow runs (shutdown)" in proc.stderr
 
 
