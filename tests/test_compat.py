@@ -288,3 +288,17 @@ def test_the_prometheus_reader_serves_a_private_registry_on_either_exporter_shap
             super().__init__()
 
     serve(OldReader)
+
+
+def test_react_sentinels_are_not_tools_on_any_version() -> None:
+    from roma_otel.instrumentation.tools import _not_traced
+
+    assert _not_traced(dspy.ReAct("question -> answer", tools=[]).tools["finish"].func)
+
+    def submit(**kwargs: Any) -> Any:  # shaped like ReActV2's (DSPy 3.3+) submit tool
+        return kwargs
+
+    submit.__module__, submit.__qualname__ = "dspy.predict.react_v2", "ReActV2._make_submit_tool.<locals>.submit"
+    assert _not_traced(submit)
+    submit.__qualname__ = "my_submit"  # a user's tool of the same module name is traced
+    assert not _not_traced(submit)

@@ -244,7 +244,7 @@ def teleprompter_class() -> Any:
     return find("dspy.teleprompt.teleprompt:Teleprompter", "MLflow compile runs")
 
 
-# ReAct's ``finish`` sentinel tool is no tool call: it is defined inside ReAct.__init__ on every supported
-# version (and ReActV2 where that exists), in this module.
-REACT_MODULE = "dspy.predict.react"
-REACT_SENTINEL_QUALNAMES = ("ReAct.__init__.", "ReActV2.")
+# ReAct's ``finish`` sentinel tool is no tool call: a lambda defined inside ReAct.__init__ on every
+# supported version; ReActV2 (DSPy 3.3 and later, its own module) has ``submit`` from _make_submit_tool.
+REACT_MODULES = frozenset({"dspy.predict.react", "dspy.predict.react_v2"})
+REACT_SENTINEL_QUALNAMES = ("ReAct.__init__.", "ReActV2._make_submit_tool.")

@@ -26,7 +26,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from roma_otel import semconv as sc
 from roma_otel import telemetry
-from roma_otel.compat.dspy import REACT_MODULE, REACT_SENTINEL_QUALNAMES
+from roma_otel.compat.dspy import REACT_MODULES, REACT_SENTINEL_QUALNAMES
 from roma_otel.context import _EXECUTION, _TASK, ToolInvocation
 from roma_otel.instrumentation.modules import current_module_label
 from roma_otel.instrumentation.patching import Patcher, all_subclasses, install_subclass_hook
@@ -317,7 +317,7 @@ def _not_traced(func: Any) -> bool:
     """
     if getattr(func, TOOL_MARK, False):
         return True
-    return getattr(func, "__module__", None) == REACT_MODULE and str(getattr(func, "__qualname__", "")).startswith(
+    return getattr(func, "__module__", None) in REACT_MODULES and str(getattr(func, "__qualname__", "")).startswith(
         REACT_SENTINEL_QUALNAMES
     )
 
