@@ -185,7 +185,7 @@ def prometheus_reader(registry: Any) -> tuple[Any, Any]:
     """A ``PrometheusMetricReader`` whose series are served from ``registry`` only; and a release
     function to call before the reader's provider shuts down.
 
-    0.60b0 and later take ``registry=``; 0.59b0 and earlier always register into prometheus_client's
+    0.63b0 and later take ``registry=``; 0.62b0 and earlier always register into prometheus_client's
     global REGISTRY, so the reader's collector is moved from there to ``registry`` (and put back before
     shutdown, where the reader unregisters it). An exporter that has neither shape serves through the
     global REGISTRY, with a warning.
