@@ -41,6 +41,7 @@ nox.options.sessions = ["latest", "latest-3.13", "dspy-3.3"]
 CORE_TESTS = [
     "tests/test_contract.py",
     "tests/test_compat.py",
+    "tests/test_compat_mlflow.py",
     "tests/test_instrumentor.py",
     "tests/test_instruments.py",
     "tests/test_lm.py",

@@ -201,3 +201,42 @@ def pg_dsn(pg_server_dsn: str) -> Iterator[str]:
     yield make_conninfo(**params)
     with psycopg.connect(pg_server_dsn, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# --- Prometheus samples made by roma-otel --------------------------------------------------------------
+_PROM_UNITS = {"s": "_seconds", "ms": "_milliseconds"}
+_PROM_SUFFIXES = ("_total", "_bucket", "_sum", "_count", "_created")
+
+
+def _roma_metric_names() -> frozenset[str]:
+    from roma_otel import semconv as sc
+
+    names = set()
+    for key, value in vars(sc).items():
+        if key.startswith("M_") and isinstance(value, tuple) and len(value) == 3:
+            name, unit, _ = value
+            names.add(name.replace(".", "_") + _PROM_UNITS.get(unit, ""))
+    return frozenset(names)
+
+
+def scope_labelled(samples: list[Any]) -> bool:
+    """The exporter labels samples with their instrumentation scope (``otel_scope_name``, from 0.64b0)."""
+    return any("otel_scope_name" in s.labels for s in samples)
+
+
+def roma_samples(samples: list[Any]) -> list[Any]:
+    """The samples roma-otel's instruments made: by scope label where the exporter adds one, else by the
+    metric names semconv defines (exporters before 0.64b0 carry no scope label)."""
+    if scope_labelled(samples):
+        return [s for s in samples if s.labels.get("otel_scope_name") == "roma_otel"]
+    names = _roma_metric_names()
+    out = []
+    for s in samples:
+        base = s.name
+        for suffix in _PROM_SUFFIXES:
+            if base.endswith(suffix) and base[: -len(suffix)] in names:
+                base = base[: -len(suffix)]
+                break
+        if base in names:
+            out.append(s)
+    return out

@@ -6,6 +6,8 @@ other branches run here on classes shaped like the other DSPy versions, so every
 
 from __future__ import annotations
 
+import copy
+import importlib
 import logging
 import sys
 import types
@@ -122,6 +124,49 @@ def test_the_legacy_hook_reads_the_provider_response() -> None:
     patcher.restore_all()
     seen.clear()
     assert base()(prompt="p") == ["ok"] and seen == []
+
+
+@pytest.mark.usefixtures("no_execution_module")
+def test_a_hit_from_a_cache_that_does_not_mark_it_is_still_a_hit(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Cache300:
+        """DSPy 3.0.0-3.0.3's cache: a hit is a deep copy with ``usage`` emptied, and no ``cache_hit``."""
+
+        def __init__(self) -> None:
+            self.entries: dict[str, Any] = {}
+
+        def get(self, request: str) -> Any:
+            if request not in self.entries:
+                return None
+            response = copy.deepcopy(self.entries[request])
+            response.usage = {}
+            return response
+
+        def put(self, request: str, value: Any) -> None:
+            self.entries[request] = value
+
+    monkeypatch.setattr(importlib.import_module("dspy.clients.cache"), "Cache", Cache300)
+    cache = Cache300()
+
+    class CachedLM:
+        def __call__(self, request: str) -> Any:
+            response = cache.get(request)
+            if response is None:
+                response = _provider_response()
+                cache.put(request, response)
+            return self._process_lm_response(response, None, None)
+
+        def _process_lm_response(self, response: Any, prompt: Any, messages: Any, **kwargs: Any) -> list[str]:
+            return ["ok"]
+
+    seen, patcher, _ = _captures(CachedLM)
+    lm = CachedLM()
+    for request in ("q1", "q1", "q2", "q2"):
+        assert lm(request) == ["ok"]
+    results = [dspy_compat.resolve(captured) for _, captured in seen]
+    assert [r.cache_hit for r in results] == [False, True, False, True]
+    assert results[1].usage == {} and results[0].usage == {"prompt_tokens": 11, "completion_tokens": 4}
+    patcher.restore_all()
+    assert not hasattr(Cache300.get, "_roma_otel_original")
 
 
 @pytest.mark.usefixtures("no_execution_module")

@@ -29,7 +29,7 @@ from roma_otel import RomaInstrumentor, telemetry
 from roma_otel import semconv as sc
 from roma_otel.config import default_config
 from roma_otel.instrumentation.patching import ORIGINAL_ATTR
-from tests.conftest import answer_lm
+from tests.conftest import answer_lm, roma_samples
 
 TOOLKIT = "PromCalcToolkit"
 EXPLICIT_EXECUTION_ID = "exec-prom-contract-0001"
@@ -198,8 +198,8 @@ def test_scrape_has_the_contract_series_with_exact_names_labels_and_values(endpo
         "gen_ai_client_operation_duration_seconds_sum",
         "gen_ai_client_operation_duration_seconds_count",
     }
-    ours = {s.name for s in samples if s.labels.get("otel_scope_name") == "roma_otel"}
-    assert ours, "no sample carries otel_scope_name=roma_otel"
+    ours = {s.name for s in roma_samples(samples)}
+    assert ours, "no roma-otel sample"
     assert ours <= allowed, f"unexpected roma-otel series: {sorted(ours - allowed)}"
 
     # Prometheus types as the dashboards expect.
@@ -349,7 +349,7 @@ def test_no_label_carries_an_execution_or_trace_id(endpoint: Any) -> None:
     assert EXPLICIT_EXECUTION_ID in execution_ids
 
     id_like = re.compile(r"(execution|span|trace|task|run)_?id", re.IGNORECASE)
-    ours = [s for s in samples if s.labels.get("otel_scope_name") == "roma_otel"]
+    ours = roma_samples(samples)
     assert ours
     for s in ours:
         for key, value in s.labels.items():

@@ -192,7 +192,7 @@ def test_evaluate_with_threads_stays_in_the_execution(tel: Any) -> None:
     with dspy.context(lm=answer_lm(answer="7")), roma_otel.execution("eval") as ctx:
         result = evaluate(program)
 
-    assert result.score == 100.0
+    assert getattr(result, "score", result) == 100.0  # DSPy 3.0.0's betas return the bare score
     exec_span = tel.span(sc.SPAN_EXECUTION)
     predicts = tel.spans_named(PREDICT)
     lms = tel.spans_named(LM_SPAN)

@@ -9,7 +9,9 @@ points, whichever the installed DSPy has (``lm_result_hooks``):
   an ``LMResponse`` (``usage_as_dict()``, ``cost``, ``cache_hit``, ``model``);
 - ``BaseLM._process_lm_response(self, response, prompt, messages, **kwargs)`` (DSPy 3.0-3.3's
   legacy path): ``response`` is the provider's response (litellm's ``ModelResponse``: ``usage``,
-  ``_hidden_params["response_cost"]``, ``cache_hit`` set by DSPy's cache, ``model``).
+  ``_hidden_params["response_cost"]``, ``cache_hit`` set by DSPy's cache, ``model``). DSPy 3.0.0-3.0.3's
+  cache does not set ``cache_hit`` (it only empties ``usage``), so ``Cache.get`` is wrapped too: a
+  response that came out of it is a hit on every version (``cached_responses``).
 
 Each becomes an ``LMResult`` with the same four fields, so the LM span reads the same on every
 version. The other DSPy classes roma-otel wraps (``Module``, ``BaseLM``, ``Tool``,
@@ -19,8 +21,10 @@ that is missing or moved degrades only what needs it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -136,6 +140,7 @@ def install_lm_result_hooks(patcher: Any, base_lm: type, capture: Capture) -> LM
         methods.append(("_finalize_lm_response", 1, result_from_lm_response))
     if hooks.process_lm_response:
         methods.append(("_process_lm_response", 0, result_from_provider_response))
+        track_cache_hits(patcher)
     if not methods:
         degraded.report(PACKAGE, "LM usage, cost and cache hits (LM spans and call counts are kept)", "no result hook")
         return hooks
@@ -168,10 +173,52 @@ def _method_wrapper(original: Any, capture: Capture, index: int, convert: Callab
     def method(self: Any, *args: Any, **kwargs: Any) -> Any:
         response = args[index] if len(args) > index else kwargs.get("response")
         if response is not None:
-            _safe_capture(capture, self, response, convert)
+            cached = _CACHE.last is response
+            if cached:
+                _CACHE.last = None
+            _safe_capture(capture, self, response, _cached_result if cached else convert)
         return original(self, *args, **kwargs)
 
     return method
+
+
+class _LastCached(threading.local):
+    last: Any = None  # the response this thread's DSPy cache returned last, until an LM hook sees it
+
+
+_CACHE = _LastCached()
+
+
+def _cached_result(response: Any) -> LMResult:
+    return dataclasses.replace(result_from_provider_response(response), cache_hit=True)
+
+
+def track_cache_hits(patcher: Any) -> bool:
+    """Wrap ``dspy.clients.cache.Cache.get`` so a response served from DSPy's cache is known as a hit.
+
+    DSPy's cache returns a fresh copy on every hit, and the LM hook on the same thread sees that very
+    object next (no LM call in between), so an identity check is exact; a cache without ``get`` only
+    loses the flag on versions whose cache does not set it itself.
+    """
+    try:
+        cache_cls = importlib.import_module("dspy.clients.cache").Cache
+    except (ImportError, AttributeError):
+        return False
+    if not callable(cache_cls.__dict__.get("get")):
+        return False
+
+    def factory(original: Any) -> Any:
+        @functools.wraps(original)
+        def get(self: Any, *args: Any, **kwargs: Any) -> Any:
+            result = original(self, *args, **kwargs)
+            if result is not None:
+                _CACHE.last = result
+            return result
+
+        return get
+
+    patcher.wrap_function(cache_cls, "get", factory)
+    return True
 
 
 def _safe_capture(capture: Capture, lm: Any, raw: Any, convert: Callable[[Any], LMResult] | None) -> None:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 
+from roma_otel.compat import mlflow as mlflow_compat
 from roma_otel.compat.otel import suppressed_context
 from roma_otel.mlflow.groups import current_scope
 from roma_otel.mlflow.manager import MLflowManager, is_http_uri
@@ -31,6 +32,7 @@ from roma_otel.mlflow.traces import (
     StoreTraceSink,
     TraceJob,
     prepare_spans,
+    trace_tags,
 )
 
 if TYPE_CHECKING:
@@ -103,6 +105,7 @@ class MLflowBridge:
         self._runs: collections.OrderedDict[tuple[str, str], str] = collections.OrderedDict()
         self._unlinked: collections.OrderedDict[tuple[str, str], list[str]] = collections.OrderedDict()
         self._sink: Any = None
+        self._tagger: mlflow_compat.TraceTagger | None = None
         self._healthy = not is_http_uri(self.tracking_uri)
         self._backoff = 0.0
         self._retry_at = 0.0
@@ -362,7 +365,7 @@ class MLflowBridge:
         artifacts = list(record.artifacts.items())
         while job.artifacts_done < len(artifacts):
             path, obj = artifacts[job.artifacts_done]
-            client.log_dict(job.run_id, obj, path)
+            self.manager.artifacts.log_dict(job.run_id, obj, path)
             job.artifacts_done += 1
         _terminate(client, job.run_id, record.status, record.end_ms)
         self.runs_written += 1
@@ -398,6 +401,12 @@ class MLflowBridge:
             for job in unsent:
                 job.sent = True
             self.traces_written += len(unsent)
+        if self._tagger is None:
+            self._tagger = mlflow_compat.TraceTagger(self.manager.client)
+        for job in jobs:  # a retry after a failed tag request re-tags only, never re-sends spans
+            if not job.tagged:
+                self._tagger.ensure(job.trace_id, trace_tags(job, self._runs.get(job.key)))
+                job.tagged = True
         by_run: dict[str, list[str]] = {}
         for job in jobs:
             run_id = self._runs.get(job.key)

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from roma_otel.compat import mlflow as mlflow_compat
 from roma_otel.mlflow.runs import TAG_VERSION
 from roma_otel.version import __version__
 
@@ -86,6 +87,7 @@ class MLflowManager:
         self.artifact_location = config.artifact_location
         self.experiment_id: str | None = None
         self.client: Any = None
+        self.artifacts: mlflow_compat.ArtifactWriter | None = None
         self.run_id: str | None = None
         self._initialized = False
         self._lock = threading.Lock()
@@ -100,6 +102,7 @@ class MLflowManager:
                 client = MlflowClient(tracking_uri=self.tracking_uri)
                 self.experiment_id = ensure_experiment(client, self.experiment_name, self.artifact_location)
                 self.client = client
+                self.artifacts = mlflow_compat.ArtifactWriter(client, self.tracking_uri)
                 self._initialized = True
             assert self.experiment_id is not None
             return self.experiment_id
@@ -158,10 +161,18 @@ class MLflowManager:
         await self._call("set_tag", self._active(), key, value)
 
     async def log_dict(self, dictionary: Any, artifact_file: str) -> None:
-        await self._call("log_dict", self._active(), dictionary, artifact_file)
+        run_id = self._active()
+        if not self._initialized:
+            await self.initialize()
+        assert self.artifacts is not None
+        await asyncio.to_thread(self.artifacts.log_dict, run_id, dictionary, artifact_file)
 
     async def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
-        await self._call("log_artifact", self._active(), local_path, artifact_path)
+        run_id = self._active()
+        if not self._initialized:
+            await self.initialize()
+        assert self.artifacts is not None
+        await asyncio.to_thread(self.artifacts.log_artifact, run_id, local_path, artifact_path)
 
     async def end_run(self, status: str = "FINISHED") -> None:
         """End the active run with ``status`` (FINISHED, FAILED or KILLED)."""

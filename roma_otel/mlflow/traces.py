@@ -18,11 +18,20 @@ from opentelemetry import trace as trace_api
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 
 from roma_otel import semconv as sc
+from roma_otel.compat import mlflow as mlflow_compat
 from roma_otel.context import ExecutionContext
 from roma_otel.mlflow.groups import COMPILE, current_scope
 from roma_otel.telemetry import ROOT_EXECUTION_KEY, SCOPE
 
-__all__ = ["MLflowSpanForwarder", "OtlpTraceSink", "StoreTraceSink", "TraceJob", "mlflow_trace_id", "prepare_spans"]
+__all__ = [
+    "MLflowSpanForwarder",
+    "OtlpTraceSink",
+    "StoreTraceSink",
+    "TraceJob",
+    "mlflow_trace_id",
+    "prepare_spans",
+    "trace_tags",
+]
 
 EXPERIMENT_HEADER = "x-mlflow-experiment-id"
 TRACE_TAG_PREFIX = "mlflow.traceTag."  # root-span attributes MLflow turns into trace tags
@@ -57,6 +66,7 @@ class TraceJob:
     spans: list[tuple[ReadableSpan, int | None]]
     truncated: int = 0
     sent: bool = False
+    tagged: bool = False  # its trace tags are known to have landed (compat.mlflow.TraceTagger)
     attempts: int = 0
 
     @property
@@ -167,6 +177,16 @@ class MLflowSpanForwarder(SpanProcessor):
         return True
 
 
+def trace_tags(job: TraceJob, run_id: str | None = None) -> dict[str, str]:
+    """The MLflow trace tags of a job's trace (carried on its root as ``mlflow.traceTag.<key>``)."""
+    tags = {"execution_id": job.execution_id, "roma_otel.kind": job.key[0]}
+    if run_id is not None:
+        tags["mlflow_run_id"] = run_id
+    if job.truncated:
+        tags["roma_otel.truncated_spans"] = str(job.truncated)
+    return tags
+
+
 def prepare_spans(job: TraceJob, run_id: str | None = None) -> list[ReadableSpan]:
     """The job's spans as MLflow should get them: the root has no parent and carries the trace tags."""
     out: list[ReadableSpan] = []
@@ -176,12 +196,7 @@ def prepare_spans(job: TraceJob, run_id: str | None = None) -> list[ReadableSpan
         if anchor is None:  # the execution's root
             attrs = dict(span.attributes or {})
             attrs[SPAN_TYPE] = "AGENT"
-            attrs[TRACE_TAG_PREFIX + "execution_id"] = job.execution_id
-            attrs[TRACE_TAG_PREFIX + "roma_otel.kind"] = job.key[0]
-            if run_id is not None:
-                attrs[TRACE_TAG_PREFIX + "mlflow_run_id"] = run_id
-            if job.truncated:
-                attrs[TRACE_TAG_PREFIX + "roma_otel.truncated_spans"] = str(job.truncated)
+            attrs.update({TRACE_TAG_PREFIX + k: v for k, v in trace_tags(job, run_id).items()})
             out.append(_copy(span, None, attrs))
         else:
             attrs = span.attributes or {}
@@ -266,17 +281,10 @@ class StoreTraceSink:
         self.experiment_id = experiment_id
 
     def send(self, spans: Sequence[ReadableSpan]) -> None:
-        from mlflow.entities.span import Span
         from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 
-        request = encode_spans(spans)
-        converted = [
-            Span.from_otel_proto(proto, resource=resource_spans.resource)
-            for resource_spans in request.resource_spans
-            for scope_spans in resource_spans.scope_spans
-            for proto in scope_spans.spans
-        ]
-        self._client.log_spans(self.experiment_id, converted)
+        converted = mlflow_compat.spans_from_request(encode_spans(spans))
+        mlflow_compat.log_spans_per_trace(self._client, self.experiment_id, converted)
 
     def close(self) -> None:
         return None

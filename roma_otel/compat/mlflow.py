@@ -1,0 +1,142 @@
+"""MLflow's APIs as they differ from 3.6 (ROMA's lock) to the newest, behind one set of calls.
+
+What differs, and how each call copes, by capability rather than by version string:
+
+- ``Span.from_otel_proto`` takes ``resource=`` only from 3.14: passed when the signature accepts it, so
+  older MLflow converts the spans without their resource (service name) instead of failing.
+- A store's ``log_spans`` takes several traces in one call only from 3.12: spans are always sent one
+  trace per call, which every version accepts.
+- Root-span attributes named ``mlflow.traceTag.<key>`` become trace tags only from 3.13 (tracking server
+  and local store): the first trace a sink sends is read back, and when its tags did not land, they are
+  set with ``set_trace_tag`` for that trace and every later one.
+- Before 3.7, ``MlflowClient(tracking_uri=...).log_dict`` resolved ``mlflow-artifacts:`` URIs against the
+  process-wide tracking URI instead of the client's (so it failed or wrote to another server): artifacts
+  go through an artifact repository built with the client's tracking URI, the same on every version.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from functools import cache
+from typing import Any
+
+__all__ = ["ArtifactWriter", "TraceTagger", "log_spans_per_trace", "spans_from_request"]
+
+
+@cache
+def _proto_takes_resource() -> bool:
+    from mlflow.entities.span import Span
+
+    try:
+        return "resource" in inspect.signature(Span.from_otel_proto).parameters
+    except (TypeError, ValueError):  # pragma: no cover - a C-implemented or wrapped method
+        return False
+
+
+def spans_from_request(request: Any) -> list[Any]:
+    """MLflow ``Span`` entities from an OTLP ``ExportTraceServiceRequest``, with their resource when
+    the installed MLflow can keep it."""
+    from mlflow.entities.span import Span
+
+    with_resource = _proto_takes_resource()
+    out = []
+    for resource_spans in request.resource_spans:
+        for scope_spans in resource_spans.scope_spans:
+            for proto in scope_spans.spans:
+                if with_resource:
+                    out.append(Span.from_otel_proto(proto, resource=resource_spans.resource))
+                else:
+                    out.append(Span.from_otel_proto(proto))
+    return out
+
+
+def log_spans_per_trace(client: Any, location: str, spans: Sequence[Any]) -> None:
+    """``client.log_spans`` once per trace id, in first-seen order (MLflow < 3.12 rejects mixed batches)."""
+    by_trace: dict[str, list[Any]] = {}
+    for span in spans:
+        by_trace.setdefault(span.trace_id, []).append(span)
+    for trace_spans in by_trace.values():
+        client.log_spans(location, trace_spans)
+
+
+class TraceTagger:
+    """Makes sure a sent trace carries its tags, on MLflow versions that ignore ``mlflow.traceTag.*``.
+
+    ``needed`` is unknown until the first trace is read back: ``True`` (tags did not land, set them
+    explicitly from then on) or ``False`` (the receiving MLflow converts them; nothing more to do).
+    """
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self.needed: bool | None = None
+
+    def ensure(self, trace_id: str, tags: Mapping[str, str]) -> None:
+        if not tags or self.needed is False:
+            return
+        if self.needed is None:
+            landed = dict(self._client.get_trace(trace_id, display=False).info.tags)
+            self.needed = any(landed.get(k) != v for k, v in tags.items())
+            if not self.needed:
+                return
+        for key, value in tags.items():
+            self._client.set_trace_tag(trace_id, key, value)
+
+
+class ArtifactWriter:
+    """Writes run artifacts through an artifact repository resolved with an explicit tracking URI.
+
+    The repository of each run is cached (a bounded LRU), as ``MlflowClient`` does, so many artifacts of
+    one run cost one ``get_run``.
+    """
+
+    _MAX_REPOS = 256
+
+    def __init__(self, client: Any, tracking_uri: str) -> None:
+        self._client = client
+        self._tracking_uri = tracking_uri
+        self._repos: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _repo(self, run_id: str) -> Any:
+        with self._lock:
+            repo = self._repos.get(run_id)
+            if repo is not None:
+                self._repos.move_to_end(run_id)
+                return repo
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        artifact_uri = self._client.get_run(run_id).info.artifact_uri
+        repo = get_artifact_repository(artifact_uri, tracking_uri=self._tracking_uri)
+        with self._lock:
+            self._repos[run_id] = repo
+            while len(self._repos) > self._MAX_REPOS:
+                self._repos.popitem(last=False)
+        return repo
+
+    def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
+        """A file, or a directory's files, under ``artifact_path`` of the run's artifacts."""
+        repo = self._repo(run_id)
+        if os.path.isdir(local_path):
+            repo.log_artifacts(local_path, artifact_path)
+        else:
+            repo.log_artifact(local_path, artifact_path)
+
+    def log_dict(self, run_id: str, obj: Any, artifact_file: str) -> None:
+        """``obj`` as JSON (or YAML for a ``.yaml``/``.yml`` name, as MLflow's ``log_dict``) at ``artifact_file``."""
+        directory, name = os.path.split(artifact_file)
+        with tempfile.TemporaryDirectory(prefix="roma-otel-") as tmp:
+            path = os.path.join(tmp, name)
+            with open(path, "w", encoding="utf-8") as f:
+                if name.endswith((".yaml", ".yml")):
+                    import yaml
+
+                    yaml.safe_dump(obj, f, default_flow_style=False)
+                else:
+                    json.dump(obj, f, indent=2)
+            self.log_artifact(run_id, path, directory or None)

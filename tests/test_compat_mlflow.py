@@ -1,0 +1,126 @@
+"""roma_otel.compat.mlflow: each branch for MLflow 3.6 to the newest, whichever MLflow the cell installs.
+
+The installed MLflow takes one branch for real (tests/test_mlflow.py runs it end to end); the other branch
+runs here on a client or span class shaped like the other versions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities.span import Span
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from roma_otel.compat import mlflow as mlflow_compat
+
+
+def _two_traces() -> Any:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": "compat-test"}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("t")
+    for name in ("a", "b"):
+        with tracer.start_as_current_span(name), tracer.start_as_current_span(name + ".child"):
+            pass
+    return encode_spans(exporter.get_finished_spans())
+
+
+@pytest.mark.parametrize("takes_resource", [True, False])
+def test_spans_convert_with_or_without_the_resource_argument(
+    monkeypatch: pytest.MonkeyPatch, takes_resource: bool
+) -> None:
+    calls: list[dict[str, Any]] = []
+    original = Span.from_otel_proto
+
+    if takes_resource:
+
+        def shaped(proto: Any, location_id: Any = None, *, resource: Any = None) -> Any:
+            calls.append({"resource": resource})
+            return original(proto)
+    else:
+
+        def shaped(proto: Any, location_id: Any = None) -> Any:  # type: ignore[misc]  # MLflow 3.6's signature
+            calls.append({})
+            return original(proto)
+
+    monkeypatch.setattr(Span, "from_otel_proto", staticmethod(shaped))
+    mlflow_compat._proto_takes_resource.cache_clear()
+    try:
+        spans = mlflow_compat.spans_from_request(_two_traces())
+    finally:
+        mlflow_compat._proto_takes_resource.cache_clear()
+    assert sorted(s.name for s in spans) == ["a", "a.child", "b", "b.child"]
+    if takes_resource:
+        assert all(c["resource"] is not None for c in calls)
+        assert {a.value.string_value for c in calls for a in c["resource"].attributes if a.key == "service.name"} == {
+            "compat-test"
+        }
+    else:
+        assert calls == [{}] * 4
+
+
+def test_spans_of_several_traces_are_logged_one_trace_per_call() -> None:
+    logged: list[tuple[str, list[str]]] = []
+    client = SimpleNamespace(log_spans=lambda location, spans: logged.append((location, [s.name for s in spans])))
+    spans = mlflow_compat.spans_from_request(_two_traces())
+    mlflow_compat.log_spans_per_trace(client, "7", spans)
+    assert [(loc, sorted(names)) for loc, names in logged] == [("7", ["a", "a.child"]), ("7", ["b", "b.child"])]
+
+
+class _TraceClient:
+    """A tracing client whose server converts ``mlflow.traceTag.*`` (3.13+) or ignores them (older)."""
+
+    def __init__(self, converts: bool) -> None:
+        self.converts = converts
+        self.tags: dict[str, dict[str, str]] = {}
+        self.reads = 0
+
+    def sent(self, trace_id: str, tags: dict[str, str]) -> None:
+        self.tags[trace_id] = dict(tags) if self.converts else {"mlflow.traceName": "x"}
+
+    def get_trace(self, trace_id: str, display: bool = True) -> Any:
+        self.reads += 1
+        return SimpleNamespace(info=SimpleNamespace(tags=self.tags[trace_id]))
+
+    def set_trace_tag(self, trace_id: str, key: str, value: str) -> None:
+        self.tags[trace_id][key] = value
+
+
+@pytest.mark.parametrize("converts", [True, False])
+def test_trace_tags_land_whether_or_not_mlflow_converts_them(converts: bool) -> None:
+    client = _TraceClient(converts)
+    tagger = mlflow_compat.TraceTagger(client)
+    tags = {"execution_id": "e1", "roma_otel.kind": "execution"}
+    for trace_id in ("tr-1", "tr-2", "tr-3"):
+        client.sent(trace_id, tags)
+        tagger.ensure(trace_id, tags)
+        assert {k: client.tags[trace_id][k] for k in tags} == tags
+    assert tagger.needed is (not converts)
+    assert client.reads == 1  # only the first trace is read back; the answer holds for the sink's lifetime
+
+
+def test_artifacts_are_written_through_the_clients_own_tracking_uri(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'a.db'}"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("artifacts", artifact_location=str(tmp_path / "store"))
+    run_id = client.create_run(experiment_id).info.run_id
+    writer = mlflow_compat.ArtifactWriter(client, uri)
+    writer.log_dict(run_id, {"answer": "Paris", "n": [1, 2]}, "nested/result.json")
+    writer.log_dict(run_id, {"k": "v"}, "top.yaml")
+    local = tmp_path / "plain.txt"
+    local.write_text("hello")
+    writer.log_artifact(run_id, str(local), "files")
+    listed = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id, "nested")}
+    assert {"nested/result.json", "top.yaml", "files"} <= listed
+    path = client.download_artifacts(run_id, "nested/result.json", str(tmp_path / "dl"))
+    assert json.loads(Path(path).read_text()) == {"answer": "Paris", "n": [1, 2]}
+    assert Path(client.download_artifacts(run_id, "files/plain.txt", str(tmp_path / "dl"))).read_text() == "hello"
