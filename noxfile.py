@@ -32,10 +32,9 @@ import nox
 ROOT = Path(__file__).parent
 nox.options.default_venv_backend = "uv"
 nox.options.error_on_missing_interpreters = True
-# What `nox` (and CI) runs. floor, roma-lock, dspy-3.1 and dspy-3.2 are defined and run by name, but do
-# not gate CI yet: roma-lock still fails on MLflow 3.6 and on tests assuming SDK 1.45 / exporter 0.64
-# behaviour, floor on DSPy 3.0.0b1's older Evaluate and cache API (issue 17 notes).
-nox.options.sessions = ["latest", "latest-3.13", "dspy-3.3"]
+# What `nox` (and CI) runs: every cell, the ones with the oldest versions first, so a regression for
+# ROMA's users fails fast.
+nox.options.sessions = ["roma-lock", "floor", "dspy-3.1", "dspy-3.2", "dspy-3.3", "latest", "latest-3.13"]
 
 # Instrumentation, LM, tool, propagation, Prometheus and demo tests, and the contract: what every cell runs.
 CORE_TESTS = [

@@ -310,7 +310,7 @@ def _series(registry: CollectorRegistry) -> set[str]:
 
 
 def test_the_prometheus_reader_serves_a_private_registry_on_either_exporter_shape(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     from opentelemetry.exporter import prometheus as exporter
 
@@ -333,6 +333,7 @@ def test_the_prometheus_reader_serves_a_private_registry_on_either_exporter_shap
             super().__init__()
 
     serve(OldReader)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_react_sentinels_are_not_tools_on_any_version() -> None:

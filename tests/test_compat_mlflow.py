@@ -124,3 +124,14 @@ def test_artifacts_are_written_through_the_clients_own_tracking_uri(tmp_path: Pa
     path = client.download_artifacts(run_id, "nested/result.json", str(tmp_path / "dl"))
     assert json.loads(Path(path).read_text()) == {"answer": "Paris", "n": [1, 2]}
     assert Path(client.download_artifacts(run_id, "files/plain.txt", str(tmp_path / "dl"))).read_text() == "hello"
+
+
+def test_a_known_version_clash_is_named_and_not_retried() -> None:
+    from roma_otel.mlflow.bridge import _transient
+
+    clash = ImportError("cannot import name 'FallbackAsyncAdaptedQueuePool' from 'sqlalchemy.pool'")
+    fix = mlflow_compat.known_clash(clash)
+    assert fix is not None and "SQLAlchemy<2.1" in fix and "MLflow >= 3.9" in fix
+    assert _transient(clash) is False  # retrying cannot help: the job is given up and the fix logged
+    assert mlflow_compat.known_clash(ImportError("no module named boto3")) is None
+    assert _transient(ConnectionError("refused")) is True

@@ -2,6 +2,7 @@
 
 ``dspy``: which LM, tool and executor hooks the installed DSPy offers (capability detection, never
 version strings). ``otel``: the OpenTelemetry SDK's private fields behind roma-otel's fast paths, each
-verified by a probe before it is taken, and the Prometheus exporter's constructor. ``degraded`` records
-what could not be instrumented on the installed versions, warns once and counts it.
+verified by a probe before it is taken, and the Prometheus exporter's constructor. ``mlflow``: the
+tracking APIs that differ from MLflow 3.6 to the newest (span conversion, trace tags, artifacts).
+``degraded`` records what could not be instrumented on the installed versions, warns once and counts it.
 """

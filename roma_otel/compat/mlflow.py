@@ -140,3 +140,14 @@ class ArtifactWriter:
                 else:
                     json.dump(obj, f, indent=2)
             self.log_artifact(run_id, path, directory or None)
+
+
+def known_clash(exc: BaseException) -> str | None:
+    """How to fix an MLflow failure that is a known clash between installed versions, else None.
+
+    Such a failure does not heal with retries, so the bridge gives the job up at once and says this.
+    """
+    if isinstance(exc, ImportError) and "FallbackAsyncAdaptedQueuePool" in str(exc):
+        # MLflow 3.6-3.8's SQL store imports a pool class SQLAlchemy 2.1 removed (measured: 3.8.1 fails, 3.9.0 works).
+        return "MLflow 3.6-3.8's local store needs SQLAlchemy < 2.1: pip install 'SQLAlchemy<2.1', or MLflow >= 3.9"
+    return None

@@ -203,8 +203,7 @@ def prometheus_reader(registry: Any) -> tuple[Any, Any]:
     reader = PrometheusMetricReader()
     collector = getattr(reader, "_collector", None)
     try:
-        REGISTRY.unregister(collector)
-        registry.register(collector)
+        _move(collector, REGISTRY, registry)
     except Exception as err:
         degraded.report(
             "opentelemetry-exporter-prometheus",
@@ -214,12 +213,24 @@ def prometheus_reader(registry: Any) -> tuple[Any, Any]:
 
     def release() -> None:
         try:
-            registry.unregister(collector)
-            REGISTRY.register(collector)
+            _move(collector, registry, REGISTRY)
         except Exception:  # already moved back, or the registry refused: the reader's shutdown logs it
             pass
 
     return reader, release
+
+
+def _move(collector: Any, source: Any, target: Any) -> None:
+    """Move the exporter's collector between registries without collecting: ``register`` describes a
+    collector by collecting it, and the reader's callback would then warn that it has no MeterProvider
+    yet ("Cannot call collect on a MetricReader until it is registered")."""
+    callback = getattr(collector, "_callback", None)
+    collector._callback = None
+    try:
+        source.unregister(collector)
+        target.register(collector)
+    finally:
+        collector._callback = callback
 
 
 def _nothing() -> None:

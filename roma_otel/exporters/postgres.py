@@ -274,7 +274,8 @@ def _json_default(value: Any) -> Any:
 
 
 # One encoder, built once: json.dumps(..., default=...) builds a new one per call (~3 µs per row here).
-_ENCODER = json.JSONEncoder(default=_json_default)
+# Compact and unescaped like orjson, so a row's text is the same with or without orjson installed.
+_ENCODER = json.JSONEncoder(default=_json_default, separators=(",", ":"), ensure_ascii=False)
 
 try:  # orjson (DSPy depends on it) encodes a row's metadata in 0.14 µs instead of 1.4 µs
     import orjson

@@ -247,6 +247,9 @@ class MLflowBridge:
                 self.tracking_uri,
                 f": {cause!r}" if cause is not None else "",
             )
+            fix = mlflow_compat.known_clash(cause) if cause is not None else None
+            if fix is not None:
+                logger.warning("roma-otel: %s", fix)
 
     # --- worker -----------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -440,7 +443,7 @@ def _transient(exc: BaseException) -> bool:
     if isinstance(exc, MlflowException):
         status = exc.get_http_status_code()
         return status >= 500 or status == 429
-    return True
+    return mlflow_compat.known_clash(exc) is None
 
 
 def _reachable(uri: str, timeout: float) -> bool:
