@@ -5,8 +5,12 @@ config errors at load, and failures inside roma-otel never reaching the program.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import textwrap
 import types
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import dspy
@@ -19,7 +23,7 @@ from roma_otel import RomaInstrumentor, telemetry
 from roma_otel import semconv as sc
 from roma_otel.compat.dspy import detect_lm_hooks
 from roma_otel.config import ConfigError, load_config
-from roma_otel.instrumentation.patching import ORIGINAL_ATTR
+from roma_otel.instrumentation.patching import ORIGINAL_ATTR, PatchedMethod
 from tests.conftest import answer_lm
 
 LM_SPAN = "chat gpt-4o-mini"
@@ -138,7 +142,7 @@ _ABSENT = object()
 
 def _ours(value: Any) -> bool:
     """True when ``value`` (or anything it wraps) is a roma-otel wrapper."""
-    if isinstance(value, classmethod | staticmethod):
+    if isinstance(value, classmethod | staticmethod | PatchedMethod):
         value = value.__func__
     seen = 0
     while value is not None and seen < 50:
@@ -523,3 +527,49 @@ def test_coexists_with_openinference_instrumented_first(make_tel: Any) -> None:
                 if vars(cls).get(name) is not value and name not in ("__dict__", "__weakref__", "__doc__"):
                     setattr(cls, name, value)
     assert _leftovers() == []
+
+
+def test_a_program_pickled_by_value_carries_its_own_methods_not_roma_otels(tel: Any, tmp_path: Path) -> None:
+    """DSPy's ``save(..., modules_to_serialize=[...])`` pickles the user's classes by value with cloudpickle:
+    the instrumented program must save, and load in a process without roma-otel as its uninstrumented self."""
+    import cloudpickle
+
+    (tmp_path / "by_value_program.py").write_text(
+        textwrap.dedent("""
+        import dspy
+
+        class Echo(dspy.Module):
+            def forward(self, q):
+                return dspy.Prediction(a=q.upper())
+
+            async def aforward(self, q):
+                return dspy.Prediction(a=q.lower())
+        """)
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import by_value_program
+
+        program = by_value_program.Echo()
+        assert _ours(by_value_program.Echo.__dict__["forward"])  # instrumented here
+        assert program(q="hi").a == "HI" and tel.spans_named("Echo")
+        cloudpickle.register_pickle_by_value(by_value_program)
+        try:
+            blob = cloudpickle.dumps(program)
+        finally:
+            cloudpickle.unregister_pickle_by_value(by_value_program)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("by_value_program", None)
+    (tmp_path / "program.pkl").write_bytes(blob)
+    check = textwrap.dedent(f"""
+        import asyncio, pickle, sys, types
+        program = pickle.loads(open({str(tmp_path / "program.pkl")!r}, "rb").read())
+        forward = type(program).__dict__["forward"]
+        assert type(forward) is types.FunctionType and not hasattr(forward, "_roma_otel_original"), forward
+        assert program.forward(q="hi").a == "HI" and asyncio.run(program.aforward(q="Hi")).a == "hi"
+        assert not [m for m in sys.modules if m.startswith("roma_otel")], "loading pulled in roma-otel"
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
