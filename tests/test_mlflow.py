@@ -982,3 +982,24 @@ def test_roots_are_found_when_span_processors_run_on_other_threads(tmp_path: Pat
     finally:
         instrumentor.uninstrument()
         provider.shutdown()
+
+
+def test_manager_artifacts_reach_the_configured_server(mlflow_server: Server, tmp_path: Path) -> None:
+    """``log_dict``/``log_artifact`` go to the manager's tracking server, not MLflow's process-wide URI
+    (which MLflow 3.6's client resolved ``mlflow-artifacts:`` against)."""
+    assert mlflow.get_tracking_uri() != mlflow_server.url
+    manager = MLflowManager(mlflow_config(mlflow_server.url, "manager-artifacts").observability.mlflow)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("from a file")
+
+    async def main() -> str:
+        async with manager.run_context(run_name="artifacts") as run_id:
+            await manager.log_dict({"answer": "Paris", "scores": [1, 0.5]}, "eval/summary.json")
+            await manager.log_artifact(str(notes), "files")
+        return run_id
+
+    run_id = asyncio.run(main())
+    client = MlflowClient(mlflow_server.url)
+    summary = client.download_artifacts(run_id, "eval/summary.json", str(tmp_path / "dl"))
+    assert json.loads(Path(summary).read_text()) == {"answer": "Paris", "scores": [1, 0.5]}
+    assert Path(client.download_artifacts(run_id, "files/notes.txt", str(tmp_path / "dl"))).read_text() == "from a file"

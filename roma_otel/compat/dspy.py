@@ -11,7 +11,7 @@ points, whichever the installed DSPy has (``lm_result_hooks``):
   legacy path): ``response`` is the provider's response (litellm's ``ModelResponse``: ``usage``,
   ``_hidden_params["response_cost"]``, ``cache_hit`` set by DSPy's cache, ``model``). DSPy 3.0.0-3.0.3's
   cache does not set ``cache_hit`` (it only empties ``usage``), so ``Cache.get`` is wrapped too: a
-  response that came out of it is a hit on every version (``cached_responses``).
+  response that came out of it is a hit on every version (``track_cache_hits``).
 
 Each becomes an ``LMResult`` with the same four fields, so the LM span reads the same on every
 version. The other DSPy classes roma-otel wraps (``Module``, ``BaseLM``, ``Tool``,
@@ -193,7 +193,7 @@ def _cached_result(response: Any) -> LMResult:
     return dataclasses.replace(result_from_provider_response(response), cache_hit=True)
 
 
-def track_cache_hits(patcher: Any) -> bool:
+def track_cache_hits(patcher: Any) -> None:
     """Wrap ``dspy.clients.cache.Cache.get`` so a response served from DSPy's cache is known as a hit.
 
     DSPy's cache returns a fresh copy on every hit, and the LM hook on the same thread sees that very
@@ -203,9 +203,9 @@ def track_cache_hits(patcher: Any) -> bool:
     try:
         cache_cls = importlib.import_module("dspy.clients.cache").Cache
     except (ImportError, AttributeError):
-        return False
+        return
     if not callable(cache_cls.__dict__.get("get")):
-        return False
+        return
 
     def factory(original: Any) -> Any:
         @functools.wraps(original)
@@ -218,7 +218,6 @@ def track_cache_hits(patcher: Any) -> bool:
         return get
 
     patcher.wrap_function(cache_cls, "get", factory)
-    return True
 
 
 def _safe_capture(capture: Capture, lm: Any, raw: Any, convert: Callable[[Any], LMResult] | None) -> None:

@@ -80,7 +80,7 @@ class PatchedMethod:
     bare wrapper there would be pickled too, with roma-otel's globals (a ContextVar cannot be pickled):
     saving would fail, or the saved program would carry roma-otel into a process that never installed
     it. ``__reduce__`` makes the class's saved attribute the program's own function, as if roma-otel
-    were not there. Binding costs a Python-level ``__get__`` (about 0.1 µs per call).
+    were not there. Binding costs a Python-level ``__get__`` (+0.2 µs per call in ``timeit``, BENCHMARKS.md).
     """
 
     __slots__ = ("__func__", ORIGINAL_ATTR)

@@ -17,6 +17,8 @@ from roma_otel.compat import mlflow as mlflow_compat
 from roma_otel.mlflow.runs import TAG_VERSION
 from roma_otel.version import __version__
 
+_ARTIFACTS = "artifacts"  # _call(...): through compat.mlflow.ArtifactWriter, not the client
+
 if TYPE_CHECKING:
     from roma_otel.config import MLflowConfig
 
@@ -110,10 +112,11 @@ class MLflowManager:
     async def initialize(self) -> None:
         await asyncio.to_thread(self.connect)
 
-    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+    async def _call(self, method: str, *args: Any, on: str = "client", **kwargs: Any) -> Any:
+        """``self.<on>.<method>(*args, **kwargs)`` in a worker thread, connecting first if needed."""
         if not self._initialized:
             await self.initialize()
-        return await asyncio.to_thread(getattr(self.client, method), *args, **kwargs)
+        return await asyncio.to_thread(getattr(getattr(self, on), method), *args, **kwargs)
 
     def _active(self) -> str:
         if self.run_id is None:
@@ -161,18 +164,10 @@ class MLflowManager:
         await self._call("set_tag", self._active(), key, value)
 
     async def log_dict(self, dictionary: Any, artifact_file: str) -> None:
-        run_id = self._active()
-        if not self._initialized:
-            await self.initialize()
-        assert self.artifacts is not None
-        await asyncio.to_thread(self.artifacts.log_dict, run_id, dictionary, artifact_file)
+        await self._call("log_dict", self._active(), dictionary, artifact_file, on=_ARTIFACTS)
 
     async def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
-        run_id = self._active()
-        if not self._initialized:
-            await self.initialize()
-        assert self.artifacts is not None
-        await asyncio.to_thread(self.artifacts.log_artifact, run_id, local_path, artifact_path)
+        await self._call("log_artifact", self._active(), local_path, artifact_path, on=_ARTIFACTS)
 
     async def end_run(self, status: str = "FINISHED") -> None:
         """End the active run with ``status`` (FINISHED, FAILED or KILLED)."""
