@@ -56,6 +56,9 @@ CORE_TESTS = [
     "tests/test_demo_agent.py",
     "tests/test_demo_cli.py",
     "tests/test_mlflow.py",
+    "tests/test_mlflow_traces.py",
+    "tests/test_genai_latest.py",
+    "tests/test_content.py",
 ]
 
 # What the SDK's private fast paths touch (compat.otel): run again with ROMA_OTEL_SDK_FAST_PATHS=0 on the

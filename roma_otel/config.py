@@ -233,6 +233,16 @@ class ContentCaptureConfig(_Section):
     _PATH: ClassVar[str] = "observability.content_capture"
     enabled: bool = _leaf(False, "bool")  # off by default: prompts and outputs may hold personal data
     max_length: int = _leaf(4096, "int", 16)
+    # Where captured LM content goes: span attributes, the GenAI inference event (a log record), or both.
+    destination: str = _leaf("span", "choice", choices=("span", "event", "span_and_event"))
+
+    @property
+    def on_spans(self) -> bool:
+        return self.enabled and self.destination != "event"
+
+    @property
+    def on_events(self) -> bool:
+        return self.enabled and self.destination != "span"
 
 
 @dataclass
@@ -331,10 +341,41 @@ def _read_yaml(path: Path, label: str) -> Any:
         raise ConfigError(f"{path}: malformed YAML: {exc}") from None
 
 
+CAPTURE_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
+# The GenAI instrumentations' content modes (opentelemetry-util-genai's ContentCapturingMode, any case) ->
+# (content_capture.enabled, content_capture.destination); a boolean keeps its older meaning (on: spans).
+CAPTURE_MODES: dict[str, tuple[bool, str | None]] = {
+    "NO_CONTENT": (False, None),
+    "SPAN_ONLY": (True, "span"),
+    "EVENT_ONLY": (True, "event"),
+    "SPAN_AND_EVENT": (True, "span_and_event"),
+}
+
+
+def _apply_capture_env(cfg: RomaOtelConfig, raw: str) -> None:
+    cc = cfg.observability.content_capture
+    mode = CAPTURE_MODES.get(raw.strip().upper())
+    if mode is not None:
+        cc.enabled = mode[0]
+        if mode[1] is not None:
+            cc.destination = mode[1]
+        return
+    value = raw.strip().lower()
+    if value not in _TRUE | _FALSE:
+        raise ConfigError(
+            f"{CAPTURE_ENV}: must be one of {', '.join(CAPTURE_MODES)} (any case) or a boolean "
+            f"(true/false/1/0/yes/no/on/off), got {raw!r}"
+        )
+    cc.enabled = value in _TRUE
+
+
 def _apply_env(cfg: RomaOtelConfig, environ: Mapping[str, str]) -> None:
     for name, dotted in ENV_VARS.items():
         raw = environ.get(name)
         if not raw:  # `export VAR=` is how people unset things in compose files and CI
+            continue
+        if name == CAPTURE_ENV:
+            _apply_capture_env(cfg, raw)
             continue
         *parents, leaf = dotted.split(".")
         section: Any = cfg

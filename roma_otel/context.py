@@ -110,11 +110,13 @@ class ExecutionContext:
         "enriched",
         "execution_id",
         "implicit",
+        "inputs",
         "lm_calls",
         "max_depth",
         "max_depth_reached",
         "metadata",
         "module_stats",
+        "output",
         "prompt_tokens",
         "root_started",
         "solver_type",
@@ -149,6 +151,8 @@ class ExecutionContext:
         # roma-otel span while this is False is looking at the root (see mlflow/traces.py).
         self.root_started = False
         self.metadata = metadata if metadata is not None else {}
+        self.inputs: dict[str, Any] | None = None  # an outermost module call's keyword arguments
+        self.output: Any = None  # what the execution returned (a solver's or an outermost module's result)
         self.start_time = time.time()
         self.end_time: float | None = None
         self.status = "running"

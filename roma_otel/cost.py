@@ -46,6 +46,7 @@ __all__ = [
     "compute_cost",
     "lookup_price",
     "reset_price_cache",
+    "split_cost",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -297,6 +298,17 @@ def compute_cost(
             return UNKNOWN
     usd = prompt_tokens * price.prompt_per_1k / 1000 + completion_tokens * price.completion_per_1k / 1000
     return Cost(usd, source)
+
+
+def split_cost(model: str, prompt_tokens: int, completion_tokens: int) -> tuple[float, float] | None:
+    """(input, output) USD of a call priced from a table (ours, then litellm's), or None when unpriced."""
+    if not isinstance(model, str) or not model or not (_is_amount(prompt_tokens) and _is_amount(completion_tokens)):
+        return None
+    resolved = _resolve(model)
+    price = resolved.table_price or _litellm_price(resolved)
+    if price is None:
+        return None
+    return prompt_tokens * price.prompt_per_1k / 1000, completion_tokens * price.completion_per_1k / 1000
 
 
 def reset_price_cache() -> None:

@@ -21,6 +21,7 @@ GEN_AI_OPERATION_NAME: Final = "gen_ai.operation.name"
 GEN_AI_PROVIDER_NAME: Final = "gen_ai.provider.name"
 GEN_AI_REQUEST_MODEL: Final = "gen_ai.request.model"
 GEN_AI_RESPONSE_MODEL: Final = "gen_ai.response.model"
+GEN_AI_RESPONSE_FINISH_REASONS: Final = "gen_ai.response.finish_reasons"  # opt-in
 GEN_AI_REQUEST_TEMPERATURE: Final = "gen_ai.request.temperature"
 GEN_AI_REQUEST_MAX_TOKENS: Final = "gen_ai.request.max_tokens"
 GEN_AI_USAGE_INPUT_TOKENS: Final = "gen_ai.usage.input_tokens"
@@ -31,12 +32,37 @@ GEN_AI_INPUT_MESSAGES: Final = "gen_ai.input.messages"
 GEN_AI_OUTPUT_MESSAGES: Final = "gen_ai.output.messages"
 GEN_AI_TOOL_CALL_ARGUMENTS: Final = "gen_ai.tool.call.arguments"
 GEN_AI_TOOL_CALL_RESULT: Final = "gen_ai.tool.call.result"
+GEN_AI_TOOL_TYPE: Final = "gen_ai.tool.type"
+GEN_AI_SYSTEM_INSTRUCTIONS: Final = "gen_ai.system_instructions"  # opt-in (see GENAI_LATEST_OPT_IN)
+GEN_AI_AGENT_NAME: Final = "gen_ai.agent.name"
+GEN_AI_AGENT_ID: Final = "gen_ai.agent.id"
+GEN_AI_CONVERSATION_ID: Final = "gen_ai.conversation.id"
 ERROR_TYPE: Final = "error.type"
+
+# A module's or an execution's captured inputs and outputs (JSON), under the names GenAI backends read
+# for non-LM spans (OpenInference's; MLflow, Phoenix and Langfuse show them as the span's inputs/outputs).
+INPUT_VALUE: Final = "input.value"
+OUTPUT_VALUE: Final = "output.value"
 
 OP_CHAT: Final = "chat"
 OP_TEXT_COMPLETION: Final = "text_completion"
 OP_EXECUTE_TOOL: Final = "execute_tool"
 OP_INVOKE_AGENT: Final = "invoke_agent"
+TOOL_TYPE_FUNCTION: Final = "function"
+
+# With OTEL_SEMCONV_STABILITY_OPT_IN containing this value, roma-otel follows the GenAI conventions as of
+# GENAI_SEMCONV_TAG: ROMA roles and executions become `invoke_agent {name}` spans with gen_ai.agent.name, an
+# LM call's system prompt moves to gen_ai.system_instructions, agent content to gen_ai.input/output.messages,
+# LM spans get gen_ai.response.finish_reasons and tool spans gen_ai.tool.type. Without it nothing changes.
+# The metric names and attributes at that tag are the ones below (gen_ai.client.token.usage and
+# gen_ai.client.operation.duration with gen_ai.provider.name); the newer GenAI repository's token counters
+# are not in any tagged release yet, so they are not emitted.
+SEMCONV_OPT_IN_ENV: Final = "OTEL_SEMCONV_STABILITY_OPT_IN"
+GENAI_LATEST_OPT_IN: Final = "gen_ai_latest_experimental"
+# open-telemetry/semantic-conventions v1.41.1 (ead83b9b), the last tag defining the GenAI conventions before
+# they moved to open-telemetry/semantic-conventions-genai (which has no tag yet).
+GENAI_SEMCONV_TAG: Final = "v1.41.1"
+GENAI_SEMCONV_SCHEMA_URL: Final = "https://opentelemetry.io/schemas/1.41.0"
 TOKEN_TYPE_INPUT: Final = "input"
 TOKEN_TYPE_OUTPUT: Final = "output"
 
@@ -83,6 +109,25 @@ TOOLKIT_ERROR: Final = "roma.toolkit.error"
 
 ROLES: Final = ("atomizer", "planner", "executor", "aggregator", "verifier")
 TOOLKIT_OPERATIONS: Final = ("create", "cache_hit", "cache_miss", "cleanup")
+
+# --- MLflow's names: what MLflow's trace store and UI read (set by the MLflow bridge, roma_otel/mlflow) ----
+MLFLOW_SPAN_TYPE: Final = "mlflow.spanType"  # its span-type column and the `span.type = 'TOOL'` filter
+MLFLOW_TRACE_TAG_PREFIX: Final = "mlflow.traceTag."  # root-span attributes MLflow >= 3.13 makes trace tags
+MLFLOW_TRACE_NAME: Final = "mlflow.traceName"  # the trace tag naming the trace in the trace list
+MLFLOW_LLM_COST: Final = "mlflow.llm.cost"  # JSON {input_cost, output_cost, total_cost} in USD (MLflow >= 3.x)
+MLFLOW_LLM_MODEL: Final = "mlflow.llm.model"
+MLFLOW_SOURCE_RUN: Final = "mlflow.sourceRun"  # trace metadata: the run a trace belongs to
+MLFLOW_TRACE_SESSION: Final = "mlflow.trace.session"  # trace metadata
+MLFLOW_TRACE_USER: Final = "mlflow.trace.user"  # trace metadata
+SESSION_ID: Final = "session.id"  # read by MLflow >= 3.x from spans as the trace's session
+USER_ID: Final = "user.id"
+# MLflow span types (mlflow.entities.SpanType) by the kind of roma-otel span
+MLFLOW_TYPE_AGENT: Final = "AGENT"  # executions, ROMA role modules
+MLFLOW_TYPE_CHAIN: Final = "CHAIN"  # other modules, task-tree nodes
+MLFLOW_TYPE_CHAT_MODEL: Final = "CHAT_MODEL"  # chat LM calls
+MLFLOW_TYPE_LLM: Final = "LLM"  # text-completion LM calls
+MLFLOW_TYPE_TOOL: Final = "TOOL"  # tool calls
+MLFLOW_TYPE_TASK: Final = "TASK"  # toolkit lifecycle steps (create, cache hit/miss, cleanup)
 
 # --- metric label keys (Prometheus labels, identical after translation) -------------------------
 L_TOOLKIT_CLASS: Final = "toolkit_class"

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import sys
 import threading
 import weakref
 from collections import deque
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
@@ -309,6 +311,24 @@ def _attribute_blind(sampler: Any) -> bool:
     return all(_attribute_blind(d) for d in delegates)
 
 
+def _event_logger(logger_provider: Any, schema_url: str) -> Any:
+    """A Logs API logger for GenAI events (the global provider's unless one is given), or None if the
+    installed API cannot emit events (``LogRecord(event_name=...)`` needs API >= 1.35)."""
+    try:
+        from opentelemetry import _logs
+
+        return _logs.get_logger(SCOPE, __version__, logger_provider, schema_url=schema_url)
+    except Exception as exc:  # an API without the Logs API: content then goes nowhere, and we say so
+        logger.warning("roma-otel: content_capture.destination needs the OpenTelemetry Logs API: %r", exc)
+        return None
+
+
+def genai_latest_opted_in(environ: Mapping[str, str] | None = None) -> bool:
+    """True when ``OTEL_SEMCONV_STABILITY_OPT_IN`` (a comma-separated list) asks for the latest GenAI conventions."""
+    raw = (os.environ if environ is None else environ).get(sc.SEMCONV_OPT_IN_ENV, "")
+    return sc.GENAI_LATEST_OPT_IN in {part.strip().lower() for part in raw.split(",")}
+
+
 class Telemetry:
     """Holds the tracer, the instruments and the settings the wrappers need on their hot path."""
 
@@ -317,10 +337,14 @@ class Telemetry:
         config: RomaOtelConfig,
         tracer_provider: Any = None,
         meter_provider: Any = None,
+        logger_provider: Any = None,
     ) -> None:
         self.config = config
         self.config_version = config.config_version  # every execution carries it
-        self.tracer = trace.get_tracer(SCOPE, __version__, tracer_provider, schema_url=_SCHEMA_URL)
+        # The latest GenAI conventions, opted into (see semconv.GENAI_LATEST_OPT_IN); read once, as upstream does.
+        self.genai_latest = genai_latest_opted_in()
+        schema_url = sc.GENAI_SEMCONV_SCHEMA_URL if self.genai_latest else _SCHEMA_URL
+        self.tracer = trace.get_tracer(SCOPE, __version__, tracer_provider, schema_url=schema_url)
         provider = tracer_provider if tracer_provider is not None else trace.get_tracer_provider()
         self.parent_based = _parent_based(provider)
         # See start_span/set_attributes: the SDK span class whose attribute dict may be written directly,
@@ -331,7 +355,7 @@ class Telemetry:
         self._probed = False
         # Set by a span processor that recognises execution roots in on_start (see start_root_span).
         self.roots_in_context = False
-        meter = metrics.get_meter(SCOPE, __version__, meter_provider, schema_url=_SCHEMA_URL)
+        meter = metrics.get_meter(SCOPE, __version__, meter_provider, schema_url=schema_url)
 
         tm = config.observability.toolkit_metrics
         self.toolkit_enabled = tm.enabled
@@ -339,7 +363,10 @@ class Telemetry:
         self.track_lifecycle = tm.enabled and tm.track_lifecycle
         self.sample_rate = tm.sample_rate
         cc = config.observability.content_capture
-        self.redactor = Redactor(cc.max_length) if cc.enabled else None
+        self.redactor = Redactor(cc.max_length) if cc.on_spans else None
+        # LM content as the GenAI inference event (a log record), when the destination asks for it.
+        self.content_events = _event_logger(logger_provider, schema_url) if cc.on_events else None
+        self.event_redactor = Redactor(cc.max_length) if cc.on_events else None
 
         state = _meter_state(meter)
         counter, histogram = state.counter, state.histogram

@@ -164,6 +164,16 @@ def answer_lm(model: str = "openai/gpt-4o-mini", **fields: str) -> Any:
 
 # --- PostgreSQL ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real ``mlflow server`` shared by the session's MLflow tests (``tests.mlflowserver.Server``)."""
+    pytest.importorskip("mlflow")
+    from tests.mlflowserver import run_server
+
+    with run_server(tmp_path_factory.mktemp("mlflow-server")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def pg_server_dsn() -> Iterator[str]:
     """A superuser DSN: ROMA_OTEL_TEST_DSN, else a throwaway cluster this session starts on loopback."""
     from tests.pgserver import DSN_ENV, PostgresServer, find_bindir, wait_ready

@@ -76,36 +76,39 @@ def test_spans_of_several_traces_are_logged_one_trace_per_call() -> None:
     assert [(loc, sorted(names)) for loc, names in logged] == [("7", ["a", "a.child"]), ("7", ["b", "b.child"])]
 
 
-class _TraceClient:
-    """A tracing client whose server converts ``mlflow.traceTag.*`` (3.13+) or ignores them (older)."""
+def test_trace_info_before_spans_keeps_what_mlflow_derives_from_them(tmp_path: Path) -> None:
+    """start_trace first, then the spans: the metadata and tags stay, and MLflow still sums the usage."""
+    from mlflow.tracing.client import TracingClient
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    def __init__(self, converts: bool) -> None:
-        self.converts = converts
-        self.tags: dict[str, dict[str, str]] = {}
-        self.reads = 0
-
-    def sent(self, trace_id: str, tags: dict[str, str]) -> None:
-        self.tags[trace_id] = dict(tags) if self.converts else {"mlflow.traceName": "x"}
-
-    def get_trace(self, trace_id: str, display: bool = True) -> Any:
-        self.reads += 1
-        return SimpleNamespace(info=SimpleNamespace(tags=self.tags[trace_id]))
-
-    def set_trace_tag(self, trace_id: str, key: str, value: str) -> None:
-        self.tags[trace_id][key] = value
-
-
-@pytest.mark.parametrize("converts", [True, False])
-def test_trace_tags_land_whether_or_not_mlflow_converts_them(converts: bool) -> None:
-    client = _TraceClient(converts)
-    tagger = mlflow_compat.TraceTagger(client)
-    tags = {"execution_id": "e1", "roma_otel.kind": "execution"}
-    for trace_id in ("tr-1", "tr-2", "tr-3"):
-        client.sent(trace_id, tags)
-        tagger.ensure(trace_id, tags)
-        assert {k: client.tags[trace_id][k] for k in tags} == tags
-    assert tagger.needed is (not converts)
-    assert client.reads == 1  # only the first trace is read back; the answer holds for the sink's lifetime
+    uri = f"sqlite:///{tmp_path / 't.db'}"
+    client = TracingClient(uri)
+    experiment_id = MlflowClient(uri).create_experiment("start-first")
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("t")
+    with tracer.start_as_current_span("root") as root:
+        usage = {"gen_ai.usage.input_tokens": 7, "gen_ai.usage.output_tokens": 3, "gen_ai.operation.name": "chat"}
+        tracer.start_span("chat m", attributes=usage).end()
+    trace_id = "tr-" + format(root.get_span_context().trace_id, "032x")
+    spans = exporter.get_finished_spans()
+    mlflow_compat.start_trace(
+        client, trace_id, experiment_id, request_time_ms=spans[-1].start_time // 1_000_000, duration_ms=5, ok=True,
+        metadata={"mlflow.sourceRun": "run-1", "mlflow.trace.session": "s-1", "mlflow.trace.user": "u-1"},
+        tags={"mlflow.traceName": "named", "execution_id": "e-1"},
+    )  # fmt: skip
+    mlflow_compat.log_spans_per_trace(client, experiment_id, mlflow_compat.spans_from_request(encode_spans(spans)))
+    info = client.get_trace(trace_id).info
+    assert info.tags["mlflow.traceName"] == "named" and info.tags["execution_id"] == "e-1"
+    meta = info.trace_metadata
+    assert [meta[f"mlflow.{k}"] for k in ("sourceRun", "trace.session", "trace.user")] == ["run-1", "s-1", "u-1"]
+    usage_meta = json.loads(meta["mlflow.trace.tokenUsage"])
+    assert (usage_meta["input_tokens"], usage_meta["output_tokens"], usage_meta["total_tokens"]) == (7, 3, 10)
+    assert len(client.get_trace(trace_id).data.spans) == 2
 
 
 def test_artifacts_are_written_through_the_clients_own_tracking_uri(tmp_path: Path) -> None:

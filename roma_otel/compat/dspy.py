@@ -241,6 +241,26 @@ class _Lazy:
         return self._convert(self._raw)
 
 
+def finish_reasons(captured: Any) -> list[str]:
+    """The provider's finish reason per completion: from DSPy 3.4's ``CallResult`` (its responses, or the
+    provider response it keeps) or litellm's response (``choices``, DSPy 3.0-3.3); empty where the captured
+    result has neither. Read only when content or the latest conventions need it."""
+    raw = captured._raw if isinstance(captured, _Lazy) else captured
+    out: list[str] = []
+    try:
+        responses = getattr(raw, "responses", None)  # DSPy 3.4's CallResult: its typed responses
+        if responses:
+            return [r.finish_reason for r in responses if isinstance(getattr(r, "finish_reason", None), str)]
+        raw = getattr(raw, "raw", None) or raw  # a CallResult made from a provider's response keeps it
+        for choice in getattr(raw, "choices", None) or ():
+            reason = choice.get("finish_reason") if isinstance(choice, dict) else getattr(choice, "finish_reason", None)
+            if isinstance(reason, str):
+                out.append(reason)
+    except Exception:
+        return []
+    return out
+
+
 def resolve(captured: Any) -> Any:
     """What a hook captured, with ``LMResult``'s four fields (None when nothing was)."""
     if captured is None:

@@ -6,9 +6,11 @@ What differs, and how each call copes, by capability rather than by version stri
   older MLflow converts the spans without their resource (service name) instead of failing.
 - A store's ``log_spans`` takes several traces in one call only from 3.12: spans are always sent one
   trace per call, which every version accepts.
-- Root-span attributes named ``mlflow.traceTag.<key>`` become trace tags only from 3.13 (tracking server
-  and local store): the first trace a sink sends is read back, and when its tags did not land, they are
-  set with ``set_trace_tag`` for that trace and every later one.
+- Root-span attributes named ``mlflow.traceTag.<key>`` become trace tags only from 3.13, and no span
+  attribute sets trace metadata: a trace's tags and metadata are written with ``start_trace`` before its
+  spans, which every version accepts (``start_trace``).
+- Per-span cost (``mlflow.llm.cost``) exists only in newer MLflow: roma-otel's cost is sent as MLflow's
+  only where the installed MLflow has it (``traces_have_cost``).
 - Before 3.7, ``MlflowClient(tracking_uri=...).log_dict`` resolved ``mlflow-artifacts:`` URIs against the
   process-wide tracking URI instead of the client's (so it failed or wrote to another server): artifacts
   go through an artifact repository built with the client's tracking URI, the same on every version.
@@ -26,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from functools import cache
 from typing import Any
 
-__all__ = ["ArtifactWriter", "TraceTagger", "log_spans_per_trace", "spans_from_request"]
+__all__ = ["ArtifactWriter", "log_spans_per_trace", "spans_from_request", "start_trace", "traces_have_cost"]
 
 
 @cache
@@ -56,6 +58,17 @@ def spans_from_request(request: Any) -> list[Any]:
     return out
 
 
+@cache
+def traces_have_cost() -> bool:
+    """The installed MLflow keeps a per-span cost (``mlflow.llm.cost``: 3.17 does, 3.6 does not; without
+    it the attribute would only be noise)."""
+    try:
+        from mlflow.tracing.constant import SpanAttributeKey
+    except ImportError:  # pragma: no cover
+        return False
+    return hasattr(SpanAttributeKey, "LLM_COST")
+
+
 def log_spans_per_trace(client: Any, location: str, spans: Sequence[Any]) -> None:
     """``client.log_spans`` once per trace id, in first-seen order (MLflow < 3.12 rejects mixed batches)."""
     by_trace: dict[str, list[Any]] = {}
@@ -65,27 +78,40 @@ def log_spans_per_trace(client: Any, location: str, spans: Sequence[Any]) -> Non
         client.log_spans(location, trace_spans)
 
 
-class TraceTagger:
-    """Makes sure a sent trace carries its tags, on MLflow versions that ignore ``mlflow.traceTag.*``.
+def start_trace(
+    client: Any,
+    trace_id: str,
+    experiment_id: str,
+    *,
+    request_time_ms: int,
+    duration_ms: int,
+    ok: bool,
+    metadata: Mapping[str, str],
+    tags: Mapping[str, str],
+) -> None:
+    """Create the trace's info (its metadata and tags) before its spans are logged.
 
-    ``needed`` is unknown until the first trace is read back: ``True`` (tags did not land, set them
-    explicitly from then on) or ``False`` (the receiving MLflow converts them; nothing more to do).
+    The one call that sets trace *metadata* (the run link ``mlflow.sourceRun``, session, user) and tags
+    the same way from 3.6 to the newest, locally and on a server. It must come first: 3.6 replaces a
+    trace's tags and metadata when ``start_trace`` meets an existing trace (dropping what ``log_spans``
+    derived from the spans), while 3.17 merges, and still derives token usage and cost from spans that
+    come after as long as ``start_trace`` supplied none.
     """
+    from mlflow.entities import TraceInfo
+    from mlflow.entities.trace_location import TraceLocation
+    from mlflow.entities.trace_state import TraceState
 
-    def __init__(self, client: Any) -> None:
-        self._client = client
-        self.needed: bool | None = None
-
-    def ensure(self, trace_id: str, tags: Mapping[str, str]) -> None:
-        if not tags or self.needed is False:
-            return
-        if self.needed is None:
-            landed = dict(self._client.get_trace(trace_id, display=False).info.tags)
-            self.needed = any(landed.get(k) != v for k, v in tags.items())
-            if not self.needed:
-                return
-        for key, value in tags.items():
-            self._client.set_trace_tag(trace_id, key, value)
+    client.start_trace(
+        TraceInfo(
+            trace_id=trace_id,
+            trace_location=TraceLocation.from_experiment_id(experiment_id),
+            request_time=request_time_ms,
+            state=TraceState.OK if ok else TraceState.ERROR,
+            execution_duration=duration_ms,
+            trace_metadata=dict(metadata),
+            tags=dict(tags),
+        )
+    )
 
 
 class ArtifactWriter:

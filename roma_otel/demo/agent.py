@@ -235,13 +235,17 @@ class DemoSolver(dspy.Module):
 
     def solve(self, goal: str) -> SolveResult:
         """Solve `goal` as one execution (one roma.execution span with a roma.task span per node)."""
-        with execution(goal, **self._execution_kwargs()):
-            return self._solve(goal, depth=0, task_id="0")
+        with execution(goal, **self._execution_kwargs()) as ctx:
+            result = self._solve(goal, depth=0, task_id="0")
+            ctx.output = _final(result)  # the execution's response (its root span's output)
+            return result
 
     async def asolve(self, goal: str) -> SolveResult:
         """Async `solve`: sibling subtasks run concurrently with asyncio.gather."""
-        async with execution(goal, **self._execution_kwargs()):
-            return await self._asolve(goal, depth=0, task_id="0")
+        async with execution(goal, **self._execution_kwargs()) as ctx:
+            result = await self._asolve(goal, depth=0, task_id="0")
+            ctx.output = _final(result)
+            return result
 
     def _execution_kwargs(self) -> dict[str, Any]:
         return {
@@ -327,6 +331,10 @@ class DemoSolver(dspy.Module):
     def _aggregated(goal: str, depth: int, task_id: str, answer: str, children: list[SolveResult]) -> SolveResult:
         status = "completed" if all(c.status == "completed" for c in children) else "partial"
         return SolveResult(goal, str(answer), depth, children, status, task_id)
+
+
+def _final(result: SolveResult) -> dict[str, Any]:
+    return {"answer": result.answer, "status": result.status}
 
 
 def _failed(goal: str, depth: int, task_id: str, exc: Exception) -> SolveResult:

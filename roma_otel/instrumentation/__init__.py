@@ -65,7 +65,7 @@ class RomaInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             self._endpoint = start_prometheus_endpoint(prom.host, prom.port)
             meter_provider = self._endpoint.meter_provider
 
-        tel = telemetry.Telemetry(config, kwargs.get("tracer_provider"), meter_provider)
+        tel = telemetry.Telemetry(config, kwargs.get("tracer_provider"), meter_provider, kwargs.get("logger_provider"))
         otel_compat.paths()  # verify the SDK's private fast paths now, on the installed SDK
         patcher = Patcher()
         from roma_otel.instrumentation.lm import instrument_lm

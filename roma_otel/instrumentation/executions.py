@@ -22,6 +22,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from roma_otel import semconv as sc
 from roma_otel import telemetry
 from roma_otel.context import _EXECUTION, _TASK, ExecutionContext, TaskScope
+from roma_otel.instrumentation import content
 from roma_otel.telemetry import Telemetry, enabled_context, mark_error
 
 __all__ = ["execution", "new_id", "task"]
@@ -50,6 +51,17 @@ def execution_attributes(ctx: ExecutionContext) -> dict[str, Any]:
         attrs[sc.EXECUTION_SOLVER_TYPE] = ctx.solver_type
     if ctx.config_version is not None:
         attrs[sc.EXECUTION_CONFIG_VERSION] = ctx.config_version
+    return attrs
+
+
+def _agent_name(ctx: ExecutionContext) -> str:
+    return ctx.solver_type or "roma"
+
+
+def _agent_root_attributes(ctx: ExecutionContext) -> dict[str, Any]:
+    attrs = execution_attributes(ctx)
+    attrs[sc.GEN_AI_OPERATION_NAME] = sc.OP_INVOKE_AGENT
+    attrs[sc.GEN_AI_AGENT_NAME] = _agent_name(ctx)
     return attrs
 
 
@@ -83,6 +95,10 @@ def finish_execution(
             attrs[sc.EXECUTION_MAX_DEPTH_REACHED] = depth_reached
             if ctx.enriched:
                 attrs.update(execution_attributes(ctx))
+            if tel.redactor is not None and not ctx.implicit:
+                attrs.update(content.input_attributes(tel, content.execution_inputs(ctx.task), True))
+                if ctx.output is not None:
+                    attrs.update(content.output_attributes(tel, ctx.output, True))
             if ctx.implicit and not ctx.enriched:
                 # An outermost module call: figures computed here over its root's start attributes (plain
                 # values, the typed config's version, class names); the execution and task ids and the
@@ -224,7 +240,11 @@ def _begin(
     ex_token = _EXECUTION.set(ctx)
     if tel is not None and current is not None:
         try:
-            span, pending = tel.start_root_span(sc.SPAN_EXECUTION, ctx, current, execution_attributes, ctx)
+            if tel.genai_latest:  # an execution is an agent invocation in the latest GenAI conventions
+                name = f"{sc.OP_INVOKE_AGENT} {_agent_name(ctx)}"
+                span, pending = tel.start_root_span(name, ctx, current, _agent_root_attributes, ctx)
+            else:
+                span, pending = tel.start_root_span(sc.SPAN_EXECUTION, ctx, current, execution_attributes, ctx)
             otel_token = otel_context.attach(trace.set_span_in_context(span, current))
         except Exception as exc:
             tel.internal_error("execution.start", exc)

@@ -22,6 +22,7 @@ from roma_otel import telemetry
 from roma_otel.compat import dspy as dspy_compat
 from roma_otel.context import _EXECUTION, _TASK
 from roma_otel.cost import UNKNOWN, compute_cost
+from roma_otel.instrumentation import content
 from roma_otel.instrumentation.modules import current_module_label
 from roma_otel.instrumentation.patching import Patcher, all_subclasses, install_subclass_hook
 from roma_otel.telemetry import Telemetry, enabled_context, mark_error
@@ -132,6 +133,19 @@ def _labels(*key: Any) -> _Labels:
     return found
 
 
+def _event_base(op: str, provider: str, request_model: str, response_model: Any) -> dict[str, Any]:
+    """The inference event's identifying attributes."""
+    base = {sc.GEN_AI_OPERATION_NAME: op, sc.GEN_AI_PROVIDER_NAME: provider, sc.GEN_AI_REQUEST_MODEL: request_model}
+    if response_model:
+        base[sc.GEN_AI_RESPONSE_MODEL] = str(response_model)
+    return base
+
+
+def _usage(attrs: dict[str, Any]) -> dict[str, Any]:
+    keys = (sc.GEN_AI_USAGE_INPUT_TOKENS, sc.GEN_AI_USAGE_OUTPUT_TOKENS, sc.GEN_AI_RESPONSE_FINISH_REASONS)
+    return {k: attrs[k] for k in keys if k in attrs}
+
+
 def _tokens(usage: dict[str, Any], key: str) -> int | None:
     value = usage.get(key)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
@@ -182,10 +196,15 @@ def _exit(tel: Telemetry, state: tuple[Any, ...], exc: BaseException | None, mes
                 attrs[sc.LM_COST_SOURCE] = cost.source
                 if cost.usd is not None:
                     attrs[sc.LM_COST_USD] = cost.usd
-            if tel.redactor is not None:
-                attrs[sc.GEN_AI_INPUT_MESSAGES] = tel.redactor.render(messages)
-                if exc is None:
-                    attrs[sc.GEN_AI_OUTPUT_MESSAGES] = tel.redactor.render(outputs)
+            if tel.redactor is not None or tel.genai_latest or tel.content_events is not None:
+                reasons = dspy_compat.finish_reasons(call.result)
+                if tel.genai_latest and reasons:
+                    attrs[sc.GEN_AI_RESPONSE_FINISH_REASONS] = reasons
+                if tel.content_events is not None:
+                    base = {**_event_base(op, provider, request_model, response_model), **_usage(attrs)}
+                    content.emit_inference_event(tel, span, base, messages, outputs, exc is not None, reasons)
+                if tel.redactor is not None:
+                    attrs.update(content.lm_attributes(tel, messages, outputs, exc is not None, reasons))
             tel.set_attributes(span, attrs)
 
         ls = _labels(module, model, op, provider, request_model, response_model, cache_hit)

@@ -19,6 +19,7 @@ from opentelemetry.trace import SpanKind
 from roma_otel import semconv as sc
 from roma_otel import telemetry
 from roma_otel.context import _EXECUTION, _TASK, ExecutionContext, TaskScope
+from roma_otel.instrumentation import content
 from roma_otel.instrumentation.executions import execution_attributes, finish_execution, new_id
 from roma_otel.instrumentation.patching import Patcher, all_subclasses, install_subclass_hook
 from roma_otel.telemetry import Telemetry, enabled_context, mark_error
@@ -64,18 +65,32 @@ def current_module_instance() -> Any:
     return frame[0] if frame is not None else None
 
 
-def _root_attributes(ctx: ExecutionContext, own: str, qualname: str, task: TaskScope | None) -> dict[str, Any]:
+def _root_attributes(
+    ctx: ExecutionContext, own: str, qualname: str, task: TaskScope | None, agent: bool
+) -> dict[str, Any]:
     """The start attributes of a module span that is its execution's root."""
     attrs = execution_attributes(ctx)
     attrs[sc.MODULE] = own
     attrs[sc.MODULE_CLASS] = qualname
     if task is not None and task.task_id is not None:
         attrs[sc.TASK_ID] = task.task_id
+    if agent:
+        attrs[sc.GEN_AI_OPERATION_NAME] = sc.OP_INVOKE_AGENT
+        attrs[sc.GEN_AI_AGENT_NAME] = own
     return attrs
 
 
-def _enter(tel: Telemetry, instance: Any, parent: ModuleFrame | None, current: otel_context.Context) -> tuple[Any, ...]:
+def _enter(
+    tel: Telemetry,
+    instance: Any,
+    parent: ModuleFrame | None,
+    current: otel_context.Context,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> tuple[Any, ...]:
     own, qualname, has_role, builtin = class_info(type(instance))
+    # The latest GenAI conventions (opt-in) make a ROMA role's call an agent invocation.
+    agent = has_role and tel.genai_latest
     # LM usage goes to the nearest ROMA role, else to the program's own module rather than to the
     # DSPy building block (Predict, ChainOfThought) it happens to run through.
     if has_role or parent is None or not (builtin or parent[2]):
@@ -88,16 +103,18 @@ def _enter(tel: Telemetry, instance: Any, parent: ModuleFrame | None, current: o
     span = None
     otel_token = None
     pending = None
+    captured = None
     try:
         if ctx is None:
             # No task text: a solver run inside this call may still supply the goal (see executions._begin).
             ctx = ExecutionContext(new_id(), None, None, None, tel.config_version, True)
+            ctx.inputs = kwargs
             exec_token = _EXECUTION.set(ctx)
         task = _TASK.get()
         if exec_token is not None:
             try:
                 span, pending = tel.start_root_span(
-                    type(instance).__name__, ctx, current, _root_attributes, ctx, own, qualname, task
+                    _span_name(instance, own, agent), ctx, current, _root_attributes, ctx, own, qualname, task, agent
                 )
             finally:
                 ctx.root_started = True  # also when the start failed: no later span is taken for the root
@@ -111,8 +128,13 @@ def _enter(tel: Telemetry, instance: Any, parent: ModuleFrame | None, current: o
             }
             if task is not None and task.task_id is not None:
                 attrs[sc.TASK_ID] = task.task_id
-            span = tel.start_span(type(instance).__name__, SpanKind.INTERNAL, attrs, current)
+            if agent:
+                attrs[sc.GEN_AI_OPERATION_NAME] = sc.OP_INVOKE_AGENT
+                attrs[sc.GEN_AI_AGENT_NAME] = own
+            span = tel.start_span(_span_name(instance, own, agent), SpanKind.INTERNAL, attrs, current)
             otel_token = otel_context.attach(trace.set_span_in_context(span, current))
+        if span is not None and tel.redactor is not None:
+            captured = content.input_attributes(tel, content.call_inputs(args, kwargs), has_role)
     except BaseException:
         # The call goes on uninstrumented (see the wrappers): leave no context or span of ours behind.
         if span is not None:
@@ -121,15 +143,28 @@ def _enter(tel: Telemetry, instance: Any, parent: ModuleFrame | None, current: o
             _EXECUTION.reset(exec_token)
         _MODULE.reset(module_token)
         raise
-    return module_token, exec_token, ctx, span, otel_token, pending
+    return module_token, exec_token, ctx, span, otel_token, pending, captured, has_role
 
 
-def _exit(tel: Telemetry, state: tuple[Any, ...], exc: BaseException | None) -> None:
-    module_token, exec_token, ctx, span, otel_token, pending = state
+def _span_name(instance: Any, own: str, agent: bool) -> str:
+    return f"{sc.OP_INVOKE_AGENT} {own}" if agent else type(instance).__name__
+
+
+def _exit(tel: Telemetry, state: tuple[Any, ...], exc: BaseException | None, result: Any = None) -> None:
+    module_token, exec_token, ctx, span, otel_token, pending, captured, has_role = state
     try:
         if span is not None and exc is not None:
             mark_error(span, exc)
+        if captured is not None and tel.redactor is not None and span.is_recording():
+            if exc is None:
+                captured.update(content.output_attributes(tel, result, has_role))
+            if pending is not None:
+                pending.update(captured)
+            else:
+                tel.set_attributes(span, captured)
         if exec_token is not None:
+            if exc is None:
+                ctx.output = result
             finish_execution(tel, ctx, span, exc is not None, pending)
     except Exception as err:
         tel.internal_error("module.exit", err)
@@ -154,7 +189,7 @@ def _sync_wrapper(original: Any) -> Any:
         if current is None:
             return original(self, *args, **kwargs)
         try:
-            state = _enter(tel, self, parent, current)
+            state = _enter(tel, self, parent, current, args, kwargs)
         except Exception as err:
             tel.internal_error("module.enter", err)
             return original(self, *args, **kwargs)
@@ -163,7 +198,7 @@ def _sync_wrapper(original: Any) -> Any:
         except BaseException as exc:
             _exit(tel, state, exc)
             raise
-        _exit(tel, state, None)
+        _exit(tel, state, None, result)
         return result
 
     return forward
@@ -180,7 +215,7 @@ def _async_wrapper(original: Any) -> Any:
         if current is None:
             return await original(self, *args, **kwargs)
         try:
-            state = _enter(tel, self, parent, current)
+            state = _enter(tel, self, parent, current, args, kwargs)
         except Exception as err:
             tel.internal_error("module.enter", err)
             return await original(self, *args, **kwargs)
@@ -189,7 +224,7 @@ def _async_wrapper(original: Any) -> Any:
         except BaseException as exc:
             _exit(tel, state, exc)
             raise
-        _exit(tel, state, None)
+        _exit(tel, state, None, result)
         return result
 
     return aforward

@@ -76,15 +76,17 @@ def _wrap_solver(original: Any) -> Any:
 
         @functools.wraps(original)
         async def async_solve(self: Any, *args: Any, **kwargs: Any) -> Any:
-            async with _execution_for(self, args, kwargs):
-                return await original(self, *args, **kwargs)
+            async with _execution_for(self, args, kwargs) as ctx:
+                ctx.output = result = await original(self, *args, **kwargs)
+                return result
 
         return async_solve
 
     @functools.wraps(original)
     def solve(self: Any, *args: Any, **kwargs: Any) -> Any:
-        with _execution_for(self, args, kwargs):
-            return original(self, *args, **kwargs)
+        with _execution_for(self, args, kwargs) as ctx:
+            ctx.output = result = original(self, *args, **kwargs)
+            return result
 
     return solve
 

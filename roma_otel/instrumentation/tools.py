@@ -99,6 +99,8 @@ def _enter(
             attrs[sc.EXECUTION_ID] = ctx.execution_id
         if task is not None and task.task_id is not None:
             attrs[sc.TASK_ID] = task.task_id
+        if tel.genai_latest:
+            attrs[sc.GEN_AI_TOOL_TYPE] = sc.TOOL_TYPE_FUNCTION
         span = tel.start_span(f"{sc.SPAN_TOOL_PREFIX} {tool_name}", SpanKind.INTERNAL, attrs, current)
         otel_token = otel_context.attach(trace.set_span_in_context(span, current))
     input_size = payload_size(_input_payload(args, kwargs)) if sampled else 0

@@ -20,9 +20,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
+from opentelemetry.trace import StatusCode
 
+from roma_otel import semconv as sc
 from roma_otel.compat import mlflow as mlflow_compat
 from roma_otel.compat.otel import suppressed_context
+from roma_otel.mlflow import view
 from roma_otel.mlflow.groups import current_scope
 from roma_otel.mlflow.manager import MLflowManager, is_http_uri
 from roma_otel.mlflow.runs import RunRecord, execution_run
@@ -77,6 +80,7 @@ class MLflowBridge:
         *,
         on_drop: Callable[[int, str], None] | None = None,
         persist_tools: bool = False,
+        capture: bool = False,
         max_queue: int = 2000,
         flush_timeout: float = DEFAULT_FLUSH_TIMEOUT,
         min_backoff: float = 0.5,
@@ -95,7 +99,9 @@ class MLflowBridge:
         self.max_attempts = max_attempts
         self.probe_timeout = probe_timeout
         self._on_drop = on_drop
-        self.forwarder = MLflowSpanForwarder(self._submit_trace, from_compile=config.log_traces_from_compile)
+        self.forwarder = MLflowSpanForwarder(
+            self._submit_trace, from_compile=config.log_traces_from_compile, capture=capture
+        )
         self.runs_written = 0
         self.traces_written = 0
         self.dropped_runs = 0
@@ -105,7 +111,7 @@ class MLflowBridge:
         self._runs: collections.OrderedDict[tuple[str, str], str] = collections.OrderedDict()
         self._unlinked: collections.OrderedDict[tuple[str, str], list[str]] = collections.OrderedDict()
         self._sink: Any = None
-        self._tagger: mlflow_compat.TraceTagger | None = None
+        self._tracing: Any = None  # MLflow's TracingClient, made on first use
         self._healthy = not is_http_uri(self.tracking_uri)
         self._backoff = 0.0
         self._retry_at = 0.0
@@ -119,6 +125,7 @@ class MLflowBridge:
         self._idle = threading.Condition(threading.Lock())
         self._queue: collections.deque[_RunJob | TraceJob] = collections.deque()
         self._busy = False
+        self._in_flight = 0  # jobs of the batch the worker is writing now
         self._stop = False
         self._worker: threading.Thread | None = None
 
@@ -168,7 +175,13 @@ class MLflowBridge:
         return True
 
     def shutdown(self, timeout: float | None = None) -> None:
-        """Flush within ``timeout`` (default ``flush_timeout``), then stop; what is left is counted as dropped."""
+        """Flush within ``timeout`` (default ``flush_timeout``), then stop.
+
+        A send still in flight when the time is up is not counted as dropped: MLflow may yet store it
+        (a tracking server's first trace request can take seconds); it is logged as unconfirmed. What
+        never reached MLflow is counted as dropped; a trace whose spans MLflow took but whose tags or run
+        link were still pending is neither (it is stored).
+        """
         if self._closed:
             return
         self.forwarder.shutdown()
@@ -179,14 +192,25 @@ class MLflowBridge:
         self._wake.set()
         if self._worker is not None:
             self._worker.join(0.5)
+        in_flight = self._in_flight if self._worker is not None and self._worker.is_alive() else 0
         with self._lock:
             leftover = list(self._queue)
             self._queue.clear()
-        runs = sum(1 for job in leftover if isinstance(job, _RunJob))
+        if in_flight:
+            logger.warning(
+                "roma-otel: %d MLflow %s still being sent to %s when the flush timeout ran out; it may yet "
+                "be stored (raise ROMA_OTEL_MLFLOW_FLUSH_TIMEOUT to wait longer)",
+                in_flight,
+                "write was" if in_flight == 1 else "writes were",
+                self.tracking_uri,
+            )
+        pending = leftover[in_flight:]
+        runs = sum(1 for job in pending if isinstance(job, _RunJob))
+        traces = sum(1 for job in pending if isinstance(job, TraceJob) and not job.sent)
         if runs:
             self._drop(runs, "shutdown")
-        if len(leftover) - runs:
-            self._drop(len(leftover) - runs, "shutdown", traces=True)
+        if traces:
+            self._drop(traces, "shutdown", traces=True)
         if self._sink is not None:
             self._sink.close()
         try:
@@ -284,6 +308,7 @@ class MLflowBridge:
                         batch.append(job)
             with self._idle:
                 self._busy = True
+            self._in_flight = len(batch)
             try:
                 self._connect()
                 if isinstance(head, _RunJob):
@@ -294,6 +319,8 @@ class MLflowBridge:
                 if not self._retry(batch, exc):
                     self._pop(len(batch))
                 return
+            finally:
+                self._in_flight = 0
             self._pop(len(batch))
             self._recovered()
 
@@ -312,7 +339,12 @@ class MLflowBridge:
         if not retriable or batch[0].attempts >= self.max_attempts:
             traces = isinstance(batch[0], TraceJob)
             logger.debug("roma-otel: MLflow did not take a %s, giving up", "trace" if traces else "run", exc_info=exc)
-            self._drop(len(batch), "error" if retriable else "rejected", traces=traces, cause=exc)
+            # A trace whose spans MLflow took is stored, even if its tags or run link were not: not a drop.
+            lost = sum(1 for job in batch if not job.sent) if traces else len(batch)
+            if lost:
+                self._drop(lost, "error" if retriable else "rejected", traces=traces, cause=exc)
+            else:
+                logger.warning("roma-otel: MLflow stored %d traces but not their tags or run link: %r", len(batch), exc)
             return False
         self._backoff = min(self.max_backoff, self._backoff * 2 or self.min_backoff)
         self._retry_at = time.monotonic() + self._backoff
@@ -398,29 +430,52 @@ class MLflowBridge:
 
     def _write_traces(self, jobs: list[TraceJob]) -> None:
         unsent = [job for job in jobs if not job.sent]
-        if unsent:
-            spans = [s for job in unsent for s in prepare_spans(job, self._runs.get(job.key))]
-            self._trace_sink().send(spans)
-            for job in unsent:
-                job.sent = True
-            self.traces_written += len(unsent)
-        if self._tagger is None:
-            self._tagger = mlflow_compat.TraceTagger(self.manager.client)
-        for job in jobs:  # a retry after a failed tag request re-tags only, never re-sends spans
-            if not job.tagged:
-                self._tagger.ensure(job.trace_id, trace_tags(job, self._runs.get(job.key)))
-                job.tagged = True
-        by_run: dict[str, list[str]] = {}
-        for job in jobs:
-            run_id = self._runs.get(job.key)
-            if run_id is None:  # its run is not written yet (or was dropped): link when it is
-                self._unlinked.setdefault(job.key, []).append(job.trace_id)
-                while len(self._unlinked) > _MAX_KNOWN:
-                    self._unlinked.popitem(last=False)
-            else:
-                by_run.setdefault(run_id, []).append(job.trace_id)
-        for run_id, trace_ids in by_run.items():
-            self._link(trace_ids, run_id)
+        if not unsent:
+            return
+        experiment_id = self.manager.experiment_id
+        assert experiment_id is not None
+        for job in unsent:  # a retry resumes after the traces already started
+            if not job.started:
+                self._start_trace(job, experiment_id)
+                job.started = True
+        with_cost = mlflow_compat.traces_have_cost()
+        spans = [s for job in unsent for s in prepare_spans(job, with_cost=with_cost)]
+        self._trace_sink().send(spans)
+        for job in unsent:
+            job.sent = True
+        self.traces_written += len(unsent)
+
+    def _start_trace(self, job: TraceJob, experiment_id: str) -> None:
+        """The trace's info, before its spans: its tags, and as metadata its run, session and user."""
+        root = job.spans[-1][0]
+        run_id = self._runs.get(job.key)
+        metadata: dict[str, str] = {}
+        if run_id is not None:
+            metadata[sc.MLFLOW_SOURCE_RUN] = run_id
+        else:  # its run is not written yet (or was dropped): link it when it is
+            self._unlinked.setdefault(job.key, []).append(job.trace_id)
+            while len(self._unlinked) > _MAX_KNOWN:
+                self._unlinked.popitem(last=False)
+        session, user = view.session_and_user(job.ctx)
+        if session is not None:
+            metadata[sc.MLFLOW_TRACE_SESSION] = session
+        if user is not None:
+            metadata[sc.MLFLOW_TRACE_USER] = user
+        start_ns, end_ns = root.start_time or 0, root.end_time or root.start_time or 0
+        if self._tracing is None:
+            from mlflow.tracing.client import TracingClient
+
+            self._tracing = TracingClient(self.tracking_uri)
+        mlflow_compat.start_trace(
+            self._tracing,
+            job.trace_id,
+            experiment_id,
+            request_time_ms=start_ns // 1_000_000,
+            duration_ms=max(0, end_ns - start_ns) // 1_000_000,
+            ok=root.status.status_code is not StatusCode.ERROR,
+            metadata=metadata,
+            tags=trace_tags(job, run_id),
+        )
 
 
 def _terminate(client: Any, run_id: str, status: str, end_ms: int) -> None:
@@ -478,6 +533,7 @@ def start_bridge(config: RomaOtelConfig, tel: Telemetry, tracer_provider: Any, p
         ml,
         on_drop=lambda n, reason: tel.persistence_dropped.add(n, {"bridge": "mlflow", "reason": reason}),
         persist_tools=tm.enabled and tm.persist_to_mlflow,
+        capture=config.observability.content_capture.on_spans,
         flush_timeout=ml.flush_timeout,
     )
     if ml.log_traces:

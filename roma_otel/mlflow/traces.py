@@ -20,6 +20,7 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from roma_otel import semconv as sc
 from roma_otel.compat import mlflow as mlflow_compat
 from roma_otel.context import ExecutionContext
+from roma_otel.mlflow import view
 from roma_otel.mlflow.groups import COMPILE, current_scope
 from roma_otel.telemetry import ROOT_EXECUTION_KEY, SCOPE
 
@@ -34,8 +35,6 @@ __all__ = [
 ]
 
 EXPERIMENT_HEADER = "x-mlflow-experiment-id"
-TRACE_TAG_PREFIX = "mlflow.traceTag."  # root-span attributes MLflow turns into trace tags
-SPAN_TYPE = "mlflow.spanType"
 
 
 def mlflow_trace_id(otel_trace_id: int) -> str:
@@ -46,12 +45,13 @@ def mlflow_trace_id(otel_trace_id: int) -> str:
 class _Open:
     """An execution whose root span has not ended yet, and the spans gathered for it so far."""
 
-    __slots__ = ("closed", "execution_id", "key", "root_id", "spans", "truncated")
+    __slots__ = ("closed", "ctx", "execution_id", "key", "root_id", "spans", "truncated")
 
-    def __init__(self, key: tuple[str, str], root_id: int, execution_id: str) -> None:
+    def __init__(self, key: tuple[str, str], root_id: int, ctx: ExecutionContext) -> None:
         self.key = key
         self.root_id = root_id
-        self.execution_id = execution_id
+        self.ctx = ctx
+        self.execution_id = ctx.execution_id
         self.spans: list[tuple[ReadableSpan, int | None]] = []  # (span, id of its nearest forwarded ancestor)
         self.closed = False
         self.truncated = 0
@@ -65,8 +65,10 @@ class TraceJob:
     execution_id: str
     spans: list[tuple[ReadableSpan, int | None]]
     truncated: int = 0
+    ctx: ExecutionContext | None = None  # the finished execution (its goal, output, metadata)
+    capture: bool = False  # content capture was on: the trace may be named after its goal
     sent: bool = False
-    tagged: bool = False  # its trace tags are known to have landed (compat.mlflow.TraceTagger)
+    started: bool = False  # its trace info (tags, metadata) is written (compat.mlflow.start_trace)
     attempts: int = 0
 
     @property
@@ -106,11 +108,13 @@ class MLflowSpanForwarder(SpanProcessor):
         submit: Callable[[TraceJob], None],
         *,
         from_compile: bool = False,
+        capture: bool = False,
         max_spans_per_trace: int = 5000,
         max_open_spans: int = 200_000,
     ) -> None:
         self._submit = submit
         self.from_compile = from_compile
+        self.capture = capture
         self.max_spans_per_trace = max_spans_per_trace
         self.max_open_spans = max_open_spans
         # span id -> (its execution, made by roma-otel, id of its nearest roma-otel ancestor)
@@ -132,9 +136,8 @@ class MLflowSpanForwarder(SpanProcessor):
                 scope = current_scope(parent_context)
                 if scope is not None and scope.kind == COMPILE and not self.from_compile:
                     return
-                execution_id = execution.execution_id
-                key = scope.key if scope is not None else ("execution", execution_id)
-                self._track(span_id, (_Open(key, span_id, execution_id), True, None))
+                key = scope.key if scope is not None else ("execution", execution.execution_id)
+                self._track(span_id, (_Open(key, span_id, execution), True, None))
                 return
             owner, parent_is_ours, parent_anchor = info
             ours = span.instrumentation_scope is not None and span.instrumentation_scope.name == SCOPE
@@ -161,7 +164,8 @@ class MLflowSpanForwarder(SpanProcessor):
                 owner.closed = True
                 owner.spans.append((span, None))
                 if not self._closed:
-                    self._submit(TraceJob(owner.key, owner.execution_id, owner.spans, owner.truncated))
+                    ctx = owner.ctx
+                    self._submit(TraceJob(owner.key, ctx.execution_id, owner.spans, owner.truncated, ctx, self.capture))
             elif len(owner.spans) < self.max_spans_per_trace:
                 owner.spans.append((span, anchor))
             else:
@@ -178,8 +182,14 @@ class MLflowSpanForwarder(SpanProcessor):
 
 
 def trace_tags(job: TraceJob, run_id: str | None = None) -> dict[str, str]:
-    """The MLflow trace tags of a job's trace (carried on its root as ``mlflow.traceTag.<key>``)."""
-    tags = {"execution_id": job.execution_id, "roma_otel.kind": job.key[0]}
+    """The MLflow trace tags of a job's trace (written with its trace info, before its spans)."""
+    root = job.spans[-1][0]
+    tags = view.trace_tags_from(job.ctx)
+    tags.update({
+        sc.MLFLOW_TRACE_NAME: view.trace_name(job.ctx, root.name, job.capture),
+        "execution_id": job.execution_id,
+        "roma_otel.kind": job.key[0],
+    })  # fmt: skip
     if run_id is not None:
         tags["mlflow_run_id"] = run_id
     if job.truncated:
@@ -187,30 +197,30 @@ def trace_tags(job: TraceJob, run_id: str | None = None) -> dict[str, str]:
     return tags
 
 
-def prepare_spans(job: TraceJob, run_id: str | None = None) -> list[ReadableSpan]:
-    """The job's spans as MLflow should get them: the root has no parent and carries the trace tags."""
+def prepare_spans(job: TraceJob, *, with_cost: bool = False) -> list[ReadableSpan]:
+    """The job's spans as MLflow should get them: the root has no parent and carries a request and a
+    response, every span its MLflow type, LM spans roma-otel's cost (see ``view``)."""
     out: list[ReadableSpan] = []
     for span, anchor in job.spans:
         ctx = span.context
         assert ctx is not None
+        attrs = span.attributes or {}
         if anchor is None:  # the execution's root
-            attrs = dict(span.attributes or {})
-            attrs[SPAN_TYPE] = "AGENT"
-            attrs.update({TRACE_TAG_PREFIX + k: v for k, v in trace_tags(job, run_id).items()})
-            out.append(_copy(span, None, attrs))
+            out.append(_copy(span, None, {**attrs, **view.root_view(job.ctx, attrs)}))
+            continue
+        extra = {}
+        if sc.MLFLOW_SPAN_TYPE not in attrs:
+            kind = view.span_type(span.name, attrs)
+            if kind is not None:
+                extra[sc.MLFLOW_SPAN_TYPE] = kind
+                if kind in (sc.MLFLOW_TYPE_CHAT_MODEL, sc.MLFLOW_TYPE_LLM):
+                    extra.update(view.lm_view(attrs, with_cost=with_cost))
+        reparent = span.parent is None or span.parent.span_id != anchor
+        if reparent or extra:
+            parent = trace_api.SpanContext(ctx.trace_id, anchor, is_remote=False) if reparent else span.parent
+            out.append(_copy(span, parent, {**attrs, **extra} if extra else attrs))
         else:
-            attrs = span.attributes or {}
-            reparent = span.parent is None or span.parent.span_id != anchor
-            chain = (
-                SPAN_TYPE not in attrs
-                and sc.GEN_AI_OPERATION_NAME not in attrs
-                and (span.name == sc.SPAN_TASK or sc.MODULE_CLASS in attrs)
-            )
-            if reparent or chain:
-                parent = trace_api.SpanContext(ctx.trace_id, anchor, is_remote=False) if reparent else span.parent
-                out.append(_copy(span, parent, {**attrs, SPAN_TYPE: "CHAIN"} if chain else attrs))
-            else:
-                out.append(span)
+            out.append(span)
     return out
 
 

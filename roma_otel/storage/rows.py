@@ -79,9 +79,11 @@ def classify(span: Any, attrs: dict[str, Any] | None = None) -> str | None:
         attrs = span_attributes(span)
     if sc.EXECUTION_ID not in attrs:
         return None
+    op = attrs.get(sc.GEN_AI_OPERATION_NAME)
     if span.name == sc.SPAN_EXECUTION or attrs.get(sc.EXECUTION_IMPLICIT):
         return ROOT
-    op = attrs.get(sc.GEN_AI_OPERATION_NAME)
+    if op == sc.OP_INVOKE_AGENT and sc.MODULE_CLASS not in attrs:  # an explicit execution, latest conventions
+        return ROOT
     if op in (sc.OP_CHAT, sc.OP_TEXT_COMPLETION):
         return LM
     if op == sc.OP_EXECUTE_TOOL:
