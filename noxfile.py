@@ -49,6 +49,7 @@ CORE_TESTS = [
     "tests/test_tools.py",
     "tests/test_propagation.py",
     "tests/test_roma.py",
+    "tests/test_roma_import_hook.py",
     "tests/test_standin.py",
     "tests/test_zero_code.py",
     "tests/test_prometheus.py",

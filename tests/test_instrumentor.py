@@ -154,9 +154,10 @@ def _ours(value: Any) -> bool:
 
 
 def _leftovers() -> list[str]:
-    """Every roma-otel wrapper still installed on a DSPy/ROMA/test class or DSPy's execution module."""
+    """Every roma-otel wrapper still installed on a DSPy/ROMA/test class or DSPy's execution module, and
+    roma-otel's post-import hook still on ``sys.meta_path``."""
     execution = _execution_module()
-    found = []
+    found = [repr(f) for f in sys.meta_path if type(f).__module__.startswith("roma_otel")]
     if execution is not None and (_ours(execution.finalize) or hasattr(execution.finalize, "__wrapped__")):
         found.append("dspy.clients.execution.finalize")
     prefixes = ("dspy", "roma_dspy", "roma_otel", __name__, "tests.")

@@ -2,7 +2,9 @@
 
 ``instrument(tracer_provider=..., meter_provider=..., config=...)`` builds the tracer and every
 instrument once, then patches DSPy (modules, LMs, tools, the parallel executor), toolkit classes and
-ROMA when present. ``uninstrument()`` restores every original, in reverse order.
+ROMA when present. roma-otel imports none of ROMA (nor a configured toolkit base class's module): what
+the program has not imported yet is patched when it imports it (a post-import hook, see ``imports``).
+``uninstrument()`` restores every original, in reverse order, and removes that hook.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Toolkit lifecycle events (create, cache_hit, cache_miss, cleanup): the public API and ROMA's hook.
 
-``record_toolkit_event`` and ``toolkit_operation`` work for any program; when ``roma_dspy`` is
-present its ``ToolkitManager`` is hooked so creation, cache lookups (hits *and* misses, which ROMA
-never emits) and cleanup are recorded with no code change.
+``record_toolkit_event`` and ``toolkit_operation`` work for any program; when the program uses
+``roma_dspy`` its ``ToolkitManager`` is hooked (once its module is imported, see ``roma``) so creation,
+cache lookups (hits *and* misses, which ROMA never emits) and cleanup are recorded with no code change.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Wrappers are plain functions made with ``functools.wraps`` (cheaper per call than wrapt proxies) and
 carry ``_roma_otel_original``; on a class they sit inside a ``PatchedMethod``, which pickles as the
 original (see there); restoring puts back the class's own ``__dict__`` entry, or deletes ours
-when the class had none, leaving no ``__wrapped__`` behind.
+when the class had none, leaving no ``__wrapped__`` behind. ``when_imported`` defers patches to a
+module the program has not imported yet (``imports``); restoring also drops what is still waiting.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ import inspect
 import logging
 import threading
 import types
+from collections.abc import Callable
 from typing import Any
+
+from roma_otel.instrumentation.imports import ImportHooks
 
 logger = logging.getLogger("roma_otel")
 
@@ -32,6 +36,7 @@ class Patcher:
     def __init__(self) -> None:
         self._patches: list[tuple[Any, str, Any]] = []
         self._lock = threading.RLock()
+        self._imports: ImportHooks | None = None
 
     def replace(self, owner: Any, name: str, new: Any) -> None:
         """Set ``owner.name = new``, remembering the owner's own previous value (or its absence)."""
@@ -56,8 +61,25 @@ class Patcher:
             self.replace(owner, name, PatchedMethod(wrapper, func))
             return True
 
+    def when_imported(
+        self, module: str, callback: Callable[[types.ModuleType], None], package: str, what: str
+    ) -> None:
+        """Run ``callback(module)`` now if ``module`` is imported, else once the program imports it.
+
+        roma-otel never imports it itself. A failing callback is reported as ``what`` degraded on
+        ``package`` (``compat.degraded``), never raised into the program's import.
+        """
+        with self._lock:
+            if self._imports is None:
+                self._imports = ImportHooks(self._lock)
+            imports = self._imports
+        imports.when_imported(module, callback, package, what)
+
     def restore_all(self) -> None:
         with self._lock:
+            if self._imports is not None:  # first: nothing waiting patches after this
+                self._imports.close()
+                self._imports = None
             while self._patches:
                 owner, name, previous = self._patches.pop()
                 try:

@@ -6,15 +6,21 @@
 - ``ModuleRuntime._execute_agent_with_tracing`` sets the task scope (id, depth) for the agent step,
   so every span inside carries its depth in the task tree and the execution counts its tasks.
 - ``ToolkitManager`` lifecycle and ``BaseToolkit`` tools are handled in ``lifecycle``/``tools``.
+
+roma-otel never imports ROMA: importing it patches litellm and CodeAct and logs, which a program that
+does not use ROMA must not see. A class whose module is already imported is patched at ``instrument()``;
+the others when the program imports their module (``Patcher.when_imported``, a post-import hook).
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 import importlib.util
 import inspect
 import logging
+import sys
+import types
+from collections.abc import Callable
 from typing import Any
 
 from roma_otel.context import _EXECUTION, _TASK, TaskScope
@@ -27,10 +33,13 @@ __all__ = ["instrument_roma", "roma_available"]
 logger = logging.getLogger("roma_otel")
 
 _SOLVER_METHODS = ("solve", "async_solve", "event_solve", "async_event_solve")
+# What compat.degraded names when a ROMA class has a shape roma-otel does not recognise.
+_PACKAGE, _WHAT = "roma-dspy", "ROMA executions, tasks and toolkit lifecycle"
 
 
 def roma_available() -> bool:
-    return importlib.util.find_spec("roma_dspy") is not None
+    """Whether ``roma_dspy`` is imported or importable; finding it imports nothing."""
+    return "roma_dspy" in sys.modules or importlib.util.find_spec("roma_dspy") is not None
 
 
 def _goal(task: Any) -> str | None:
@@ -161,29 +170,37 @@ def _wrap_context_set(patcher: Patcher, context_cls: type) -> None:
     patcher.replace(context_cls, "set", classmethod(set))
 
 
-def _load(module: str, name: str) -> type | None:
-    try:
-        return getattr(importlib.import_module(module), name)
-    except Exception as exc:
-        logger.debug("roma-otel: %s.%s not hooked: %r", module, name, exc)
-        return None
+def _hook_solver(patcher: Patcher, solver: type) -> None:
+    for method in _SOLVER_METHODS:
+        patcher.wrap_function(solver, method, _wrap_solver)
+
+
+def _hook_runtime(patcher: Patcher, runtime: type) -> None:
+    if inspect.iscoroutinefunction(runtime.__dict__.get("_execute_agent_with_tracing")):
+        patcher.wrap_function(runtime, "_execute_agent_with_tracing", _wrap_agent_step)
+
+
+# (module, class, how it is patched): the modules are only ever imported by the program.
+_TARGETS: tuple[tuple[str, str, Callable[[Patcher, type], None]], ...] = (
+    ("roma_dspy.core.engine.solve", "RecursiveSolver", _hook_solver),
+    ("roma_dspy.core.engine.runtime", "ModuleRuntime", _hook_runtime),
+    ("roma_dspy.core.context.execution_context", "ExecutionContext", _wrap_context_set),
+    ("roma_dspy.tools.base.manager", "ToolkitManager", instrument_toolkit_manager),
+)
+
+
+def _hook_class(
+    patcher: Patcher, name: str, hook: Callable[[Patcher, type], None], module: types.ModuleType
+) -> None:
+    cls = getattr(module, name, None)
+    if not isinstance(cls, type):
+        logger.debug("roma-otel: %s.%s not hooked: no such class", module.__name__, name)
+        return
+    hook(patcher, cls)
 
 
 def instrument_roma(patcher: Patcher) -> None:
     if not roma_available():
         return
-    solver = _load("roma_dspy.core.engine.solve", "RecursiveSolver")
-    if solver is not None:
-        for method in _SOLVER_METHODS:
-            patcher.wrap_function(solver, method, _wrap_solver)
-    runtime = _load("roma_dspy.core.engine.runtime", "ModuleRuntime")
-    if runtime is not None and inspect.iscoroutinefunction(
-        runtime.__dict__.get("_execute_agent_with_tracing")
-    ):
-        patcher.wrap_function(runtime, "_execute_agent_with_tracing", _wrap_agent_step)
-    context_cls = _load("roma_dspy.core.context.execution_context", "ExecutionContext")
-    if context_cls is not None:
-        _wrap_context_set(patcher, context_cls)
-    manager = _load("roma_dspy.tools.base.manager", "ToolkitManager")
-    if manager is not None:
-        instrument_toolkit_manager(patcher, manager)
+    for module, name, hook in _TARGETS:
+        patcher.when_imported(module, functools.partial(_hook_class, patcher, name, hook), _PACKAGE, _WHAT)

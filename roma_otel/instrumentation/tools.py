@@ -3,18 +3,20 @@
 A toolkit is a class marked with ``@roma_otel.toolkit`` or a subclass of a configured base class
 (ROMA's ``BaseToolkit``). Its tool methods are wrapped on the class, so bound methods handed to DSPy,
 ROMA's own registry wrappers and direct calls are all seen. When ``dspy.Tool`` calls such a method
-it defers to the method's wrapper, so each call is one span and is counted once.
+it defers to the method's wrapper, so each call is one span and is counted once. A configured base
+class is never imported by roma-otel: its module is hooked when the program imports it, if it has not.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 import importlib.util
 import inspect
 import logging
+import sys
 import threading
 import time
+import types
 import weakref
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -292,15 +294,26 @@ def toolkit(cls: T | None = None, *, tools: tuple[str, ...] | list[str] | None =
     return mark(cls) if cls is not None else mark
 
 
-def _import_class(path: str) -> type | None:
-    module_name, _, class_name = path.rpartition(".")
-    if importlib.util.find_spec(module_name.partition(".")[0]) is None:
-        return None
+def _instrument_base(patcher: Patcher, path: str, module: types.ModuleType) -> None:
+    base = getattr(module, path.rpartition(".")[2], None)
+    if not isinstance(base, type):
+        logger.warning("roma-otel: toolkit base class %s not found in its module", path)
+        return
+    _instrument_tree(patcher, base, include_root=False, only=None)
+
+
+def _hook_base_class(patcher: Patcher, path: str) -> None:
+    """Instrument ``path``'s subclasses now if its module is imported, else when the program imports it."""
+    module_name = path.rpartition(".")[0]
+    top = module_name.partition(".")[0]
     try:
-        return getattr(importlib.import_module(module_name), class_name)
-    except Exception as exc:
-        logger.warning("roma-otel: toolkit base class %s could not be imported: %r", path, exc)
-        return None
+        if top not in sys.modules and importlib.util.find_spec(top) is None:  # finding imports nothing
+            return
+    except (ImportError, ValueError):
+        return
+    patcher.when_imported(
+        module_name, functools.partial(_instrument_base, patcher, path), top, f"tool spans for {path} subclasses"
+    )
 
 
 # --- dspy.Tool ------------------------------------------------------------------------------------
@@ -355,9 +368,7 @@ def instrument_tools(patcher: Patcher, base_class_paths: tuple[str, ...]) -> Non
         patcher.wrap_function(tool, "__call__", _dspy_tool_sync)
         patcher.wrap_function(tool, "acall", _dspy_tool_async)
     for path in base_class_paths:
-        base = _import_class(path)
-        if base is not None:
-            _instrument_tree(patcher, base, include_root=False, only=None)
+        _hook_base_class(patcher, path)
     with _DECORATED_LOCK:
         decorated = list(_DECORATED.items())
     # Roots only: a decorated subclass of a decorated class is covered by its parent's tree.
