@@ -370,6 +370,9 @@ def test_demo_agent_run_in_the_default_local_store(
     assert root.name == sc.SPAN_EXECUTION and root.span_type == "AGENT"
     assert trace.info.tags["execution_id"] == demo.execution_id
     assert trace.info.tags["mlflow_run_id"] == run.info.run_id
+    # the local store links it like a server: the run's Traces tab filters on this metadata
+    assert trace.info.trace_metadata[sc.MLFLOW_SOURCE_RUN] == run.info.run_id
+    assert {s.span_type for s in trace.data.spans} == {"AGENT", "CHAIN", "CHAT_MODEL", "TOOL", "TASK"}
     assert bridge.dropped_runs == bridge.dropped_traces == 0
     assert tel.metric_sum(DROPPED, bridge="mlflow") == 0
 

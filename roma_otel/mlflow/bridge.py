@@ -279,6 +279,7 @@ class MLflowBridge:
     def _run(self) -> None:
         # The worker's own HTTP and database calls must never be traced back into the program's telemetry.
         otel_context.attach(suppressed_context())
+        self._warm_up()
         while not self._stop:
             wait = self._retry_at - time.monotonic() if self._retry_at else None
             if not self._queue or (wait is not None and wait > 0):
@@ -293,6 +294,19 @@ class MLflowBridge:
                 with self._idle:
                     self._busy = False
                     self._idle.notify_all()
+
+    def _warm_up(self) -> None:
+        """Connect (store, experiment, trace sink) while the program runs, so the flush at exit is spent on
+        writing rather than on MLflow's cold start (seconds: imports, migrations, the first request)."""
+        try:
+            self._connect()
+            if self.config.log_traces:
+                self._trace_sink()
+                from mlflow.tracing.client import TracingClient
+
+                self._tracing = TracingClient(self.tracking_uri)
+        except Exception as exc:  # the first job connects again, and counts what fails then
+            logger.debug("roma-otel: MLflow warm-up failed: %r", exc)
 
     def _drain(self) -> None:
         while self._queue and not self._stop:
@@ -438,9 +452,9 @@ class MLflowBridge:
             if not job.started:
                 self._start_trace(job, experiment_id)
                 job.started = True
-        with_cost = mlflow_compat.traces_have_cost()
-        spans = [s for job in unsent for s in prepare_spans(job, with_cost=with_cost)]
-        self._trace_sink().send(spans)
+        sink = self._trace_sink()
+        spans = [s for job in unsent for s in prepare_spans(job, with_cost=sink.with_cost)]
+        sink.send(spans)
         for job in unsent:
             job.sent = True
         self.traces_written += len(unsent)

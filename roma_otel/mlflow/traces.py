@@ -258,7 +258,14 @@ def _auth_headers() -> dict[str, str]:
 
 class OtlpTraceSink:
     """Sends spans to a tracking server's OTLP/HTTP endpoint. The endpoint and headers are explicit, so
-    ``OTEL_EXPORTER_OTLP_*`` variables meant for other backends never redirect them."""
+    ``OTEL_EXPORTER_OTLP_*`` variables meant for other backends never redirect them.
+
+    The server's version is unknown here, so LM spans always carry roma-otel's cost as MLflow's (a server
+    without per-span cost keeps it as a plain attribute; one with it shows it instead of pricing the call
+    itself, which also spares it loading LiteLLM's price map, seconds on its first request).
+    """
+
+    with_cost = True
 
     def __init__(self, tracking_uri: str, experiment_id: str, *, timeout: float = 30.0) -> None:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -282,13 +289,15 @@ class OtlpTraceSink:
 
 
 class StoreTraceSink:
-    """Writes spans into a local (SQL) tracking store through MLflow's store API."""
+    """Writes spans into a local (SQL) tracking store through MLflow's store API (the installed MLflow is
+    the store, so cost is sent only where it has per-span cost)."""
 
     def __init__(self, tracking_uri: str, experiment_id: str) -> None:
         from mlflow.tracing.client import TracingClient
 
         self._client = TracingClient(tracking_uri)
         self.experiment_id = experiment_id
+        self.with_cost = mlflow_compat.traces_have_cost()
 
     def send(self, spans: Sequence[ReadableSpan]) -> None:
         from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
