@@ -342,3 +342,33 @@ def test_a_send_in_flight_at_shutdown_is_not_counted_as_dropped(make_tel: Any, t
     assert tel.metric_sum(sc.M_PERSISTENCE_DROPPED[0], bridge="mlflow") == 0
     assert any("still being sent" in r.getMessage() for r in records), [r.getMessage() for r in records]
     assert not any("dropped" in r.getMessage() for r in records)
+
+
+# --- a ROMA solver: its own execution id, its answer -----------------------------------------------------
+@pytest.mark.parametrize("capture", [True, False], ids=["capture-on", "capture-off"])
+def test_a_roma_solver_trace_is_linked_and_answers_with_its_result(make_tel: Any, tmp_path: Any, capture: bool) -> None:
+    from dspy.utils import DummyLM
+    from roma_dspy.core.engine.solve import RecursiveSolver
+    from roma_dspy.tools.base.manager import ToolkitManager
+
+    from tests.test_roma import FINAL, GOAL, answers
+
+    ToolkitManager._instance = None
+    tel = make_tel(_config(f"sqlite:///{tmp_path}/m.db", "roma-solver", capture))
+    bridge = tel.instrumentor.mlflow_bridge
+    with dspy.context(lm=DummyLM(answers())):
+        root = RecursiveSolver(max_depth=2).solve(GOAL)
+    assert bridge.flush(60) and bridge.dropped_traces == 0
+    client = MlflowClient(bridge.tracking_uri)
+    experiment_id = client.get_experiment_by_name("roma-solver").experiment_id
+    (run,) = client.search_runs([experiment_id])
+    # The solver adopted ROMA's execution id after the root span started: the run and the trace still meet.
+    assert run.data.tags["execution_id"] == root.execution_id
+    (found,) = client.search_traces(locations=[experiment_id], run_id=run.info.run_id)
+    info = client.get_trace(found.info.trace_id).info
+    assert info.tags["execution_id"] == root.execution_id
+    assert info.trace_metadata[sc.MLFLOW_SOURCE_RUN] == run.info.run_id
+    if capture:  # the solved task's result, not the whole task node
+        assert json.loads(info.response_preview) == FINAL
+    else:
+        assert json.loads(info.response_preview) == {"status": "completed", "output_type": "str"}

@@ -108,7 +108,7 @@ def _enter(
         if ctx is None:
             # No task text: a solver run inside this call may still supply the goal (see executions._begin).
             ctx = ExecutionContext(new_id(), None, None, None, tel.config_version, True)
-            ctx.inputs = kwargs
+            ctx.inputs = kwargs if not args else {"args": args, **kwargs}
             exec_token = _EXECUTION.set(ctx)
         task = _TASK.get()
         if exec_token is not None:

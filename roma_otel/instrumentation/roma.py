@@ -80,13 +80,20 @@ def _execution_for(solver: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     )
 
 
+def _answer(task: Any) -> Any:
+    """What a solver run answered: the solved task's ``result`` (ROMA's TaskNode), else what it returned."""
+    result = getattr(task, "result", None)
+    return task if result is None else result
+
+
 def _wrap_solver(original: Any) -> Any:
     if inspect.iscoroutinefunction(original):
 
         @functools.wraps(original)
         async def async_solve(self: Any, *args: Any, **kwargs: Any) -> Any:
             async with _execution_for(self, args, kwargs) as ctx:
-                ctx.output = result = await original(self, *args, **kwargs)
+                result = await original(self, *args, **kwargs)
+                ctx.output = _answer(result)
                 return result
 
         return async_solve
@@ -94,7 +101,8 @@ def _wrap_solver(original: Any) -> Any:
     @functools.wraps(original)
     def solve(self: Any, *args: Any, **kwargs: Any) -> Any:
         with _execution_for(self, args, kwargs) as ctx:
-            ctx.output = result = original(self, *args, **kwargs)
+            result = original(self, *args, **kwargs)
+            ctx.output = _answer(result)
             return result
 
     return solve

@@ -165,7 +165,10 @@ class MLflowSpanForwarder(SpanProcessor):
                 owner.spans.append((span, None))
                 if not self._closed:
                     ctx = owner.ctx
-                    self._submit(TraceJob(owner.key, ctx.execution_id, owner.spans, owner.truncated, ctx, self.capture))
+                    # An execution's run is keyed by its final id: ROMA's own, when a solver adopted it
+                    # after the root started (instrumentation/roma.py).
+                    key = ("execution", ctx.execution_id) if owner.key[0] == "execution" else owner.key
+                    self._submit(TraceJob(key, ctx.execution_id, owner.spans, owner.truncated, ctx, self.capture))
             elif len(owner.spans) < self.max_spans_per_trace:
                 owner.spans.append((span, anchor))
             else:
