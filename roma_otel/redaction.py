@@ -57,14 +57,16 @@ def redact(value: Any, _depth: int = 0) -> Any:
     if value is None or isinstance(value, int | float):
         return value
     # Any other object is rendered as what it holds, so its secrets are masked like a mapping's.
-    as_dict = _fields(value)
+    as_dict = fields_of(value)
     if as_dict is not None:
         return redact(as_dict, _depth + 1)
     return redact_text(str(value))
 
 
-def _fields(value: Any) -> dict[str, Any] | None:
-    """The fields of a DSPy ``Prediction``/``Example``, a pydantic model or a dataclass, else None."""
+def fields_of(value: Any) -> dict[str, Any] | None:
+    """The fields of a mapping, a DSPy ``Prediction``/``Example``, a pydantic model or a dataclass, else None."""
+    if isinstance(value, dict):
+        return value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
     for method in ("toDict", "model_dump"):

@@ -811,17 +811,19 @@ def test_users_own_mlflow_tracing_and_global_state_are_untouched(
     assert len(our_traces) == 1 and "user_step" not in {s.name for s in our_traces[0].data.spans}
 
 
-def test_disabled_bridge_starts_nothing(make_tel: Any) -> None:
+def test_disabled_bridge_starts_nothing(make_tel: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     tel = make_tel(default_config())
     assert tel.instrumentor.mlflow_bridge is None
     assert not hasattr(dspy.Evaluate.__call__, ORIGINAL_ATTR)
     tel.instrumentor.uninstrument()
+    monkeypatch.chdir(tmp_path)
     tel = make_tel(mlflow_config("sqlite:///unused.db"))  # nothing is written: the file is never created
     assert hasattr(dspy.Evaluate.__call__, ORIGINAL_ATTR)
     assert hasattr(dspy.BootstrapFewShot.compile, ORIGINAL_ATTR)
     tel.instrumentor.uninstrument()
     assert not hasattr(dspy.Evaluate.__call__, ORIGINAL_ATTR)
     assert not hasattr(dspy.BootstrapFewShot.compile, ORIGINAL_ATTR)
+    assert not (tmp_path / "unused.db").exists()  # no execution ran: no store was made
 
 
 # --- log_batch limits ------------------------------------------------------------------------------------

@@ -351,7 +351,7 @@ def test_a_roma_solver_trace_is_linked_and_answers_with_its_result(make_tel: Any
     from roma_dspy.core.engine.solve import RecursiveSolver
     from roma_dspy.tools.base.manager import ToolkitManager
 
-    from tests.test_roma import FINAL, GOAL, answers
+    from tests.roma_script import FINAL, GOAL, answers
 
     ToolkitManager._instance = None
     tel = make_tel(_config(f"sqlite:///{tmp_path}/m.db", "roma-solver", capture))

@@ -15,13 +15,11 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from tests.roma_script import FINAL, GOAL, answers
+
 ROOT = Path(__file__).resolve().parent.parent
 STANDIN = ROOT / "tests" / "standin"
 
-GOAL = "Compute the project budget summary"
-SUB1 = "Add the costs 2 and 3"
-SUB2 = "Multiply the costs 4 and 5"
-FINAL = "Budget summary: 5 and 20"
 
 # Every class roma-otel patches in ROMA, and what it wraps there (the context's `set` is a classmethod).
 PATCHED = {
@@ -36,18 +34,6 @@ PATCHED = {
     "roma_dspy.tools.base.base.BaseToolkit": ("__init_subclass__",),
     "roma_dspy.tools.core.echo.EchoToolkit": ("echo", "aecho", "fail"),
 }
-
-
-def answers() -> dict[str, Any]:
-    """DummyLM dict mode, as in tests/test_roma.py: a plan into two atomic subtasks, then their synthesis."""
-    return {
-        "[[ ## synthesized_result ## ]]": {"reasoning": "combine", "synthesized_result": FINAL},
-        "[[ ## subtasks ## ]]": {"reasoning": "split", "subtasks": [SUB1, SUB2]},
-        f"{GOAL}\n\nRespond": {"reasoning": "too big", "is_atomic": False, "node_type": "PLAN"},
-        "[[ ## is_atomic ## ]]": {"reasoning": "small", "is_atomic": True, "node_type": "EXECUTE"},
-        f"{SUB1}\n\nRespond": {"reasoning": "2+3", "output": "5"},
-        f"{SUB2}\n\nRespond": {"reasoning": "4*5", "output": "20"},
-    }
 
 
 # --- run inside the child process ------------------------------------------------------------------

@@ -58,11 +58,15 @@ def _agent_name(ctx: ExecutionContext) -> str:
     return ctx.solver_type or "roma"
 
 
-def _agent_root_attributes(ctx: ExecutionContext) -> dict[str, Any]:
-    attrs = execution_attributes(ctx)
+def mark_agent(attrs: dict[str, Any], name: str) -> dict[str, Any]:
+    """``attrs`` with what makes a span an agent invocation in the latest GenAI conventions (opt-in)."""
     attrs[sc.GEN_AI_OPERATION_NAME] = sc.OP_INVOKE_AGENT
-    attrs[sc.GEN_AI_AGENT_NAME] = _agent_name(ctx)
+    attrs[sc.GEN_AI_AGENT_NAME] = name
     return attrs
+
+
+def _agent_root_attributes(ctx: ExecutionContext) -> dict[str, Any]:
+    return mark_agent(execution_attributes(ctx), _agent_name(ctx))
 
 
 def finish_execution(

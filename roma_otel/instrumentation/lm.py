@@ -133,14 +133,6 @@ def _labels(*key: Any) -> _Labels:
     return found
 
 
-def _event_base(op: str, provider: str, request_model: str, response_model: Any) -> dict[str, Any]:
-    """The inference event's identifying attributes."""
-    base = {sc.GEN_AI_OPERATION_NAME: op, sc.GEN_AI_PROVIDER_NAME: provider, sc.GEN_AI_REQUEST_MODEL: request_model}
-    if response_model:
-        base[sc.GEN_AI_RESPONSE_MODEL] = str(response_model)
-    return base
-
-
 def _usage(attrs: dict[str, Any]) -> dict[str, Any]:
     keys = (sc.GEN_AI_USAGE_INPUT_TOKENS, sc.GEN_AI_USAGE_OUTPUT_TOKENS, sc.GEN_AI_RESPONSE_FINISH_REASONS)
     return {k: attrs[k] for k in keys if k in attrs}
@@ -181,6 +173,7 @@ def _exit(tel: Telemetry, state: tuple[Any, ...], exc: BaseException | None, mes
             cost = None
         in_tok = input_tokens or 0
         out_tok = output_tokens or 0
+        ls = _labels(module, model, op, provider, request_model, response_model, cache_hit)
 
         if span is not None and span.is_recording():
             attrs: dict[str, Any] = {sc.LM_CACHE_HIT: cache_hit, sc.LM_LATENCY_MS: latency_ms}
@@ -201,13 +194,12 @@ def _exit(tel: Telemetry, state: tuple[Any, ...], exc: BaseException | None, mes
                 if tel.genai_latest and reasons:
                     attrs[sc.GEN_AI_RESPONSE_FINISH_REASONS] = reasons
                 if tel.content_events is not None:
-                    base = {**_event_base(op, provider, request_model, response_model), **_usage(attrs)}
+                    base = {**ls.genai, **_usage(attrs)}  # the call's operation, provider and models
                     content.emit_inference_event(tel, span, base, messages, outputs, exc is not None, reasons)
                 if tel.redactor is not None:
                     attrs.update(content.lm_attributes(tel, messages, outputs, exc is not None, reasons))
             tel.set_attributes(span, attrs)
 
-        ls = _labels(module, model, op, provider, request_model, response_model, cache_hit)
         tel.lm_calls.add_key(1, ls.calls)
         tel.lm_latency.record(latency_ms, ls.labels, span)
         if result is not None and not cache_hit:

@@ -20,7 +20,7 @@ from roma_otel import semconv as sc
 from roma_otel import telemetry
 from roma_otel.context import _EXECUTION, _TASK, ExecutionContext, TaskScope
 from roma_otel.instrumentation import content
-from roma_otel.instrumentation.executions import execution_attributes, finish_execution, new_id
+from roma_otel.instrumentation.executions import execution_attributes, finish_execution, mark_agent, new_id
 from roma_otel.instrumentation.patching import Patcher, all_subclasses, install_subclass_hook
 from roma_otel.telemetry import Telemetry, enabled_context, mark_error
 
@@ -74,10 +74,7 @@ def _root_attributes(
     attrs[sc.MODULE_CLASS] = qualname
     if task is not None and task.task_id is not None:
         attrs[sc.TASK_ID] = task.task_id
-    if agent:
-        attrs[sc.GEN_AI_OPERATION_NAME] = sc.OP_INVOKE_AGENT
-        attrs[sc.GEN_AI_AGENT_NAME] = own
-    return attrs
+    return mark_agent(attrs, own) if agent else attrs
 
 
 def _enter(
@@ -129,8 +126,7 @@ def _enter(
             if task is not None and task.task_id is not None:
                 attrs[sc.TASK_ID] = task.task_id
             if agent:
-                attrs[sc.GEN_AI_OPERATION_NAME] = sc.OP_INVOKE_AGENT
-                attrs[sc.GEN_AI_AGENT_NAME] = own
+                mark_agent(attrs, own)
             span = tel.start_span(_span_name(instance, own, agent), SpanKind.INTERNAL, attrs, current)
             otel_token = otel_context.attach(trace.set_span_in_context(span, current))
         if span is not None and tel.redactor is not None:
@@ -155,7 +151,7 @@ def _exit(tel: Telemetry, state: tuple[Any, ...], exc: BaseException | None, res
     try:
         if span is not None and exc is not None:
             mark_error(span, exc)
-        if captured is not None and tel.redactor is not None and span.is_recording():
+        if captured is not None and span.is_recording():  # captured: content capture is on
             if exc is None:
                 captured.update(content.output_attributes(tel, result, has_role))
             if pending is not None:

@@ -99,8 +99,12 @@ class MLflowBridge:
         self.max_attempts = max_attempts
         self.probe_timeout = probe_timeout
         self._on_drop = on_drop
+        self._warm_pending = False
         self.forwarder = MLflowSpanForwarder(
-            self._submit_trace, from_compile=config.log_traces_from_compile, capture=capture
+            self._submit_trace,
+            from_compile=config.log_traces_from_compile,
+            capture=capture,
+            on_first_root=self._request_warm_up,
         )
         self.runs_written = 0
         self.traces_written = 0
@@ -179,8 +183,7 @@ class MLflowBridge:
 
         A send still in flight when the time is up is not counted as dropped: MLflow may yet store it
         (a tracking server's first trace request can take seconds); it is logged as unconfirmed. What
-        never reached MLflow is counted as dropped; a trace whose spans MLflow took but whose tags or run
-        link were still pending is neither (it is stored).
+        never reached MLflow is counted as dropped; a trace whose spans MLflow took is stored, not dropped.
         """
         if self._closed:
             return
@@ -204,6 +207,7 @@ class MLflowBridge:
                 "write was" if in_flight == 1 else "writes were",
                 self.tracking_uri,
             )
+        # A job the worker has sent but not yet taken off the queue (between the two) is stored: skip it.
         pending = leftover[in_flight:]
         runs = sum(1 for job in pending if isinstance(job, _RunJob))
         traces = sum(1 for job in pending if isinstance(job, TraceJob) and not job.sent)
@@ -279,8 +283,10 @@ class MLflowBridge:
     def _run(self) -> None:
         # The worker's own HTTP and database calls must never be traced back into the program's telemetry.
         otel_context.attach(suppressed_context())
-        self._warm_up()
         while not self._stop:
+            if self._warm_pending:
+                self._warm_pending = False
+                self._warm_up()
             wait = self._retry_at - time.monotonic() if self._retry_at else None
             if not self._queue or (wait is not None and wait > 0):
                 self._wake.wait(wait if wait is not None and wait > 0 else 1.0)
@@ -295,16 +301,20 @@ class MLflowBridge:
                     self._busy = False
                     self._idle.notify_all()
 
+    def _request_warm_up(self) -> None:
+        """The forwarder saw the first execution start: connect now, in the worker."""
+        self._warm_pending = True
+        self._wake.set()
+
     def _warm_up(self) -> None:
-        """Connect (store, experiment, trace sink) while the program runs, so the flush at exit is spent on
-        writing rather than on MLflow's cold start (seconds: imports, migrations, the first request)."""
+        """Connect (store, experiment, trace sink) while the first execution runs, so the flush at exit is
+        spent on writing rather than on MLflow's cold start (seconds: imports, migrations, the first
+        request). Not earlier: a program that never runs an execution gets no store or experiment."""
         try:
             self._connect()
             if self.config.log_traces:
                 self._trace_sink()
-                from mlflow.tracing.client import TracingClient
-
-                self._tracing = TracingClient(self.tracking_uri)
+                self._tracing_client()
         except Exception as exc:  # the first job connects again, and counts what fails then
             logger.debug("roma-otel: MLflow warm-up failed: %r", exc)
 
@@ -353,12 +363,7 @@ class MLflowBridge:
         if not retriable or batch[0].attempts >= self.max_attempts:
             traces = isinstance(batch[0], TraceJob)
             logger.debug("roma-otel: MLflow did not take a %s, giving up", "trace" if traces else "run", exc_info=exc)
-            # A trace whose spans MLflow took is stored, even if its tags or run link were not: not a drop.
-            lost = sum(1 for job in batch if not job.sent) if traces else len(batch)
-            if lost:
-                self._drop(lost, "error" if retriable else "rejected", traces=traces, cause=exc)
-            else:
-                logger.warning("roma-otel: MLflow stored %d traces but not their tags or run link: %r", len(batch), exc)
+            self._drop(len(batch), "error" if retriable else "rejected", traces=traces, cause=exc)
             return False
         self._backoff = min(self.max_backoff, self._backoff * 2 or self.min_backoff)
         self._retry_at = time.monotonic() + self._backoff
@@ -442,6 +447,13 @@ class MLflowBridge:
                 self._sink = StoreTraceSink(self.tracking_uri, experiment_id)
         return self._sink
 
+    def _tracing_client(self) -> Any:
+        if self._tracing is None:
+            from mlflow.tracing.client import TracingClient
+
+            self._tracing = TracingClient(self.tracking_uri)
+        return self._tracing
+
     def _write_traces(self, jobs: list[TraceJob]) -> None:
         unsent = [job for job in jobs if not job.sent]
         if not unsent:
@@ -476,12 +488,8 @@ class MLflowBridge:
         if user is not None:
             metadata[sc.MLFLOW_TRACE_USER] = user
         start_ns, end_ns = root.start_time or 0, root.end_time or root.start_time or 0
-        if self._tracing is None:
-            from mlflow.tracing.client import TracingClient
-
-            self._tracing = TracingClient(self.tracking_uri)
         mlflow_compat.start_trace(
-            self._tracing,
+            self._tracing_client(),
             job.trace_id,
             experiment_id,
             request_time_ms=start_ns // 1_000_000,

@@ -16,15 +16,15 @@ raw (strings, not JSON-quoted strings): MLflow JSON-encodes every OTLP attribute
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from typing import Any
 
 from roma_otel import semconv as sc
 from roma_otel.context import ExecutionContext
 from roma_otel.cost import split_cost
+from roma_otel.redaction import fields_of
 
-__all__ = ["lm_view", "request_summary", "response_summary", "root_view", "span_type", "trace_name",
+__all__ = ["lm_view", "request_summary", "response_summary", "root_view", "session_and_user", "span_type", "trace_name",
            "trace_tags_from"]  # fmt: skip
 
 _NAME_CHARS = 100  # a trace name is a list label, not the goal
@@ -100,18 +100,6 @@ def _first(mapping: dict[str, Any], keys: tuple[str, ...]) -> str | None:
     return None
 
 
-def _fields(value: Any) -> list[str] | None:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return [f.name for f in dataclasses.fields(value)]
-    keys = getattr(value, "keys", None)
-    if callable(keys):
-        try:
-            return [str(k) for k in keys()]
-        except Exception:
-            return None
-    return None
-
-
 def request_summary(ctx: ExecutionContext | None) -> dict[str, Any]:
     """The trace's request without its content: the goal's length, the input field names."""
     out: dict[str, Any] = {}
@@ -132,9 +120,9 @@ def response_summary(ctx: ExecutionContext | None) -> dict[str, Any]:
         return {}
     out: dict[str, Any] = {"status": ctx.status}
     if ctx.output is not None:
-        fields = _fields(ctx.output)
+        fields = fields_of(ctx.output)
         if fields is not None:
-            out["output_fields"] = fields
+            out["output_fields"] = [str(k) for k in fields]
         else:
             out["output_type"] = type(ctx.output).__name__
     return out
