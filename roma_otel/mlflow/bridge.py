@@ -99,12 +99,8 @@ class MLflowBridge:
         self.max_attempts = max_attempts
         self.probe_timeout = probe_timeout
         self._on_drop = on_drop
-        self._warm_pending = False
         self.forwarder = MLflowSpanForwarder(
-            self._submit_trace,
-            from_compile=config.log_traces_from_compile,
-            capture=capture,
-            on_first_root=self._request_warm_up,
+            self._submit_trace, from_compile=config.log_traces_from_compile, capture=capture
         )
         self.runs_written = 0
         self.traces_written = 0
@@ -284,9 +280,6 @@ class MLflowBridge:
         # The worker's own HTTP and database calls must never be traced back into the program's telemetry.
         otel_context.attach(suppressed_context())
         while not self._stop:
-            if self._warm_pending:
-                self._warm_pending = False
-                self._warm_up()
             wait = self._retry_at - time.monotonic() if self._retry_at else None
             if not self._queue or (wait is not None and wait > 0):
                 self._wake.wait(wait if wait is not None and wait > 0 else 1.0)
@@ -300,23 +293,6 @@ class MLflowBridge:
                 with self._idle:
                     self._busy = False
                     self._idle.notify_all()
-
-    def _request_warm_up(self) -> None:
-        """The forwarder saw the first execution start: connect now, in the worker."""
-        self._warm_pending = True
-        self._wake.set()
-
-    def _warm_up(self) -> None:
-        """Connect (store, experiment, trace sink) while the first execution runs, so the flush at exit is
-        spent on writing rather than on MLflow's cold start (seconds: imports, migrations, the first
-        request). Not earlier: a program that never runs an execution gets no store or experiment."""
-        try:
-            self._connect()
-            if self.config.log_traces:
-                self._trace_sink()
-                self._tracing_client()
-        except Exception as exc:  # the first job connects again, and counts what fails then
-            logger.debug("roma-otel: MLflow warm-up failed: %r", exc)
 
     def _drain(self) -> None:
         while self._queue and not self._stop:

@@ -108,14 +108,12 @@ class MLflowSpanForwarder(SpanProcessor):
         *,
         from_compile: bool = False,
         capture: bool = False,
-        on_first_root: Callable[[], None] | None = None,
         max_spans_per_trace: int = 5000,
         max_open_spans: int = 200_000,
     ) -> None:
         self._submit = submit
         self.from_compile = from_compile
         self.capture = capture
-        self._on_first_root = on_first_root  # called once, when the first execution's root starts
         self.max_spans_per_trace = max_spans_per_trace
         self.max_open_spans = max_open_spans
         # span id -> (its execution, made by roma-otel, id of its nearest roma-otel ancestor)
@@ -139,9 +137,6 @@ class MLflowSpanForwarder(SpanProcessor):
                     return
                 key = scope.key if scope is not None else ("execution", execution.execution_id)
                 self._track(span_id, (_Open(key, span_id, execution), True, None))
-                first, self._on_first_root = self._on_first_root, None
-                if first is not None:
-                    first()
                 return
             owner, parent_is_ours, parent_anchor = info
             ours = span.instrumentation_scope is not None and span.instrumentation_scope.name == SCOPE
