@@ -62,6 +62,11 @@ class ModuleStats:
     tokens: int = 0
     cost: float = 0.0
     latency_ms_total: float = 0.0
+    cost_units: int = 0  # the exact sum behind ``cost`` (see cost_units)
+
+    def add_cost(self, cost: float) -> None:
+        self.cost_units += cost_units(cost)
+        self.cost = self.cost_units / COST_UNITS_PER_USD
 
     @property
     def avg_latency_ms(self) -> float:
@@ -76,6 +81,17 @@ class TaskScope:
     depth: int
     goal: str | None = None
     agent_type: str | None = None
+
+
+# Costs are summed as integers of 10^-12 USD: a float sum of many calls drifts (0.0028499999999999997
+# for calls that add up to 0.00285), and a total then rounds differently from the same calls summed
+# exactly, as Postgres sums lm_traces.cost_usd.
+COST_UNITS_PER_USD = 10**12
+
+
+def cost_units(cost: float) -> int:
+    """``cost`` USD in whole 10^-12 USD (far below any price's precision)."""
+    return round(cost * COST_UNITS_PER_USD)
 
 
 # The names of ExecutionContext.figures(), as the seed's MLflow run metrics call them.
@@ -101,6 +117,7 @@ class ExecutionContext:
     """
 
     __slots__ = (
+        "_cost_units",
         "_lock",
         "_tasks",
         "completion_tokens",
@@ -158,6 +175,7 @@ class ExecutionContext:
         self.status = "running"
         self._lock = threading.Lock()
         self.total_cost = 0.0
+        self._cost_units = 0
         self.cost_unknown_calls = 0
         self.prompt_tokens = 0
         self.completion_tokens = 0
@@ -184,13 +202,15 @@ class ExecutionContext:
             if cost is None:
                 self.cost_unknown_calls += 1
             else:
-                self.total_cost += cost
+                self._cost_units += cost_units(cost)
+                self.total_cost = self._cost_units / COST_UNITS_PER_USD
             stats = self.module_stats.get(module)
             if stats is None:
                 stats = self.module_stats[module] = ModuleStats()
             stats.calls += 1
             stats.tokens += input_tokens + output_tokens
-            stats.cost += cost or 0.0
+            if cost:
+                stats.add_cost(cost)
             stats.latency_ms_total += latency_ms
 
     def task_started(self, task_id: str, depth: int) -> None:

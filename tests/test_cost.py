@@ -375,3 +375,28 @@ def test_lookup_cache_is_bounded() -> None:
     for i in range(3 * cost_mod._MAX_CACHE_ENTRIES):
         compute_cost(f"model-{i}", 1, 1)
     assert len(cost_mod._resolved_cache) <= cost_mod._MAX_CACHE_ENTRIES
+
+
+def test_an_execution_sums_its_calls_costs_exactly() -> None:
+    """A float sum drifts below the true total (0.0028499999999999997 for calls of 0.00285, found in CI:
+    printed to 4 places it read $0.0028 where Postgres' exact sum read $0.0029). The execution's total,
+    its per-module cost and an optimizer scope's total are the exact sums."""
+    from decimal import Decimal
+
+    from roma_otel.context import ExecutionContext
+    from roma_otel.mlflow.groups import OptimizerScope
+
+    costs = [0.0000534, 0.00006375, 0.0000561, 0.00005505, 0.000192, 0.00018795, 0.000219, 0.0002172, 0.00029505]
+    costs = costs * 3  # sums to 0.0040184999999999995 as floats
+    exact = float(sum(Decimal(repr(c)) for c in costs))
+    assert sum(costs) != exact  # the drift this guards against
+    ctx = ExecutionContext("e")
+    for cost in costs:
+        ctx.add_lm_call("executor", 10, 5, cost, 1.0)
+    ctx.add_lm_call("executor", 10, 5, None, 1.0)  # unpriced: counted, adds nothing
+    assert ctx.total_cost == exact and ctx.module_stats["executor"].cost == exact
+    assert ctx.cost_unknown_calls == 1
+    scope = OptimizerScope("compile", "s")
+    for cost in costs:
+        scope.add_execution(cost, 1)
+    assert scope.total_cost == exact

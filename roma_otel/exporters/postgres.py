@@ -90,13 +90,41 @@ _FINAL_RECORD = (
     "total_tokens bigint, execution_duration float8, max_depth_reached int, otel_trace_id text, metadata jsonb, "
     "dag_snapshot jsonb"
 )
+
+
+def _merged_tree(stored: str, incoming: str) -> str:
+    """Two dag_snapshot arrays as one: nodes unioned by span id, ordered by start then span id (as
+    ``rows.node_order`` orders them). Commutative and idempotent, so a tree whose spans arrive in several
+    requests, out of order, twice, or at different receivers ends up the same as one written at once."""
+
+    def array(value: str) -> str:
+        return f"CASE jsonb_typeof({value}) WHEN 'array' THEN {value} ELSE '[]'::jsonb END"
+
+    return (
+        "(SELECT jsonb_agg(u.n ORDER BY u.n->>'start' COLLATE \"C\", u.n->>'span_id' COLLATE \"C\") "
+        "FROM (SELECT DISTINCT ON (t.n->>'span_id') t.n "
+        f"FROM jsonb_array_elements(({array(stored)}) || ({array(incoming)})) AS t(n) "
+        "ORDER BY t.n->>'span_id') AS u)"
+    )
+
+
+# The root's end rewrites the row, but merges its tree with nodes already stored, and dates the
+# execution from the root's start (earlier than any child's, whichever span arrived first).
 _FINAL_UPDATES = ", ".join(
     f"{name} = EXCLUDED.{name}"
-    for name in (c.split(" ")[0] for c in _FINAL_RECORD.split(", "))
-    if name not in ("execution_id", "created_at_ns")
+    for name in (c.split(" ")[0].removesuffix("_ns") for c in _FINAL_RECORD.split(", "))
+    if name not in ("execution_id", "dag_snapshot")
 )
 _EXECUTIONS_FINAL = _from_json(
-    "executions", _FINAL_RECORD, f"(execution_id) DO UPDATE SET {_FINAL_UPDATES}, updated_at = now()"
+    "executions",
+    _FINAL_RECORD,
+    f"(execution_id) DO UPDATE SET {_FINAL_UPDATES}, "
+    f"dag_snapshot = {_merged_tree('executions.dag_snapshot', 'EXCLUDED.dag_snapshot')}, updated_at = now()",
+)
+# Nodes of executions whose root is elsewhere (an earlier or later request, another receiver).
+_EXECUTIONS_NODES = (
+    f"UPDATE executions AS e SET dag_snapshot = {_merged_tree('e.dag_snapshot', 'x.nodes')}, updated_at = now() "
+    "FROM jsonb_to_recordset(%s::jsonb) AS x(execution_id text, nodes jsonb) WHERE e.execution_id = x.execution_id"
 )
 
 
@@ -510,7 +538,10 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
         # Whatever could not be written in time goes to the spool: a clean shutdown loses nothing.
         leftover = self._take(len(self._queue))
         if leftover or self._nodes:
-            self._spool(self._translate(leftover))
+            batch = self._translate(leftover)
+            # Trees still waiting for their root go too: a later writer merges them into the row.
+            batch.nodes, self._nodes = self._nodes, {}
+            self._spool(batch)
         self._add_disposed(len(leftover))
         if self._conn is not None:
             try:
@@ -649,6 +680,12 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
             self._conn = psycopg.connect(self.dsn, connect_timeout=5, autocommit=True)  # see _write_once
         return self._conn
 
+    def write(self, batch: Batch, payload: CopyPayload | None = None) -> None:
+        """Write one batch now, in this thread, in one transaction; raises if it cannot (no spool, no
+        retry): for an owner that acknowledges each batch itself (``exporters.ingest``). ``payload``:
+        the batch's ``copy_payload``, when formatted ahead."""
+        self._write(batch, None, payload)
+
     def _write(
         self, batch: Batch, before_end: Callable[[], None] | None = None, payload: CopyPayload | None = None
     ) -> None:
@@ -680,12 +717,12 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
         known = self._known_executions
         # Parents first: every row's execution exists before its children arrive (they end first).
         # The COPY path skips executions this writer already committed (a run writes many batches).
-        first_seen = [row for eid, row in batch.executions.items() if not fast or eid not in known]
+        first_seen = [row for eid, row in sorted(batch.executions.items()) if not fast or eid not in known]
         copies = (payload if payload is not None else copy_payload(batch)) if fast else []
         # One COPY and nothing else (the usual batch: one table's rows, executions already written) is a
         # transaction by itself in autocommit mode: no BEGIN and COMMIT round trips. Each round trip
         # costs the writer Python work and, on a thread, a hand-over of the application's GIL.
-        single = fast and len(copies) == 1 and not first_seen and not batch.finals
+        single = fast and len(copies) == 1 and not first_seen and not batch.finals and not batch.nodes
         with contextlib.nullcontext() if single else conn.transaction(), conn.cursor() as cur:
             if first_seen:
                 cur.execute(_EXECUTIONS_FIRST_SEEN, (json.dumps(first_seen),))
@@ -700,8 +737,13 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
                     rows = batch.rows(attr)
                     if rows:
                         cur.execute(statement, (_ENCODER.encode(rows),))
+            if batch.nodes:
+                # Sorted by execution: concurrent writers lock the rows in one order (no deadlock).
+                merges = [{"execution_id": k, "nodes": batch.nodes[k]} for k in sorted(batch.nodes)]
+                cur.execute(_EXECUTIONS_NODES, (_ENCODER.encode(merges),))
             if batch.finals:
-                cur.execute(_EXECUTIONS_FINAL, (_ENCODER.encode(batch.finals),))
+                finals = sorted(batch.finals, key=lambda row: row["execution_id"])
+                cur.execute(_EXECUTIONS_FINAL, (_ENCODER.encode(finals),))
         for execution_id in batch.executions:  # committed
             known[execution_id] = None
         while len(known) > _MAX_OPEN_EXECUTIONS:
@@ -714,7 +756,7 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
         return sorted(self.spool_dir.glob("batch-*.json"))
 
     def _spool(self, batch: Batch) -> None:
-        if not batch.executions and not len(batch):
+        if not batch.executions and not len(batch) and not batch.nodes:
             return
         self._spool_check_at = 0.0
         try:

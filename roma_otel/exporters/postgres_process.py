@@ -41,11 +41,10 @@ try:
 except ImportError:  # pragma: no cover - not on Windows
     fcntl = None  # type: ignore[assignment]
 
-from opentelemetry.trace import StatusCode
-
 from roma_otel.compat.otel import SDK_ROOT_ROW, SDK_ROW, bounded_attributes, bounded_dict, parent_field, public_row
 from roma_otel.compat.otel import paths as otel_paths
 from roma_otel.exporters.postgres import PostgresSpanProcessor, QueueingSpanProcessor
+from roma_otel.storage.spanview import SpanRecord
 
 __all__ = ["PostgresProcessSpanProcessor", "SpanRecord"]
 
@@ -59,80 +58,9 @@ _FRAME_SPANS = 2000  # at most this many spans per frame to the child (or batch_
 _WAKE_SPANS = 250
 _PIPE_BYTES = 1 << 20  # the pipe to the child, where the system allows (see _widen_pipe)
 _REPORT_INTERVAL = 0.05  # seconds between the child's progress reports while it works through a backlog
-_STATUS = {code.value: code for code in StatusCode}
 
 
-# --- what crosses the pipe ---------------------------------------------------------------------------
-class _Ids:
-    __slots__ = ("span_id", "trace_id")
-
-    def __init__(self, trace_id: int, span_id: int) -> None:
-        self.trace_id = trace_id
-        self.span_id = span_id
-
-
-class _Status:
-    __slots__ = ("description", "status_code")
-
-    def __init__(self, code: int, description: str | None) -> None:
-        self.status_code = _STATUS[code]
-        self.description = description
-
-
-# A status without a description (every span that did not fail): one shared, read-only object per code.
-_PLAIN_STATUS = {code: _Status(code, None) for code in _STATUS}
-
-
-class SpanRecord:
-    """The parts of a finished span the row translation reads (``storage.rows``), rebuilt from a tuple.
-
-    ``context`` is the record itself (it has the ``trace_id`` and ``span_id`` a SpanContext has), and
-    ``parent`` and ``status`` are made when read: the writer process builds one record per span, and
-    three objects each cost more than the properties.
-    """
-
-    __slots__ = (
-        "attributes", "end_time", "name", "parent_span_id", "span_id", "start_time", "status_code",
-        "status_description", "trace_id",
-    )  # fmt: skip
-
-    def __init__(
-        self,
-        name: str,
-        trace_id: int,
-        span_id: int,
-        parent_span_id: int | None,
-        start_time: int | None,
-        end_time: int | None,
-        status_code: int,
-        status_description: str | None,
-        attributes: dict[str, Any],
-    ) -> None:
-        self.name = name
-        self.trace_id = trace_id
-        self.span_id = span_id
-        self.parent_span_id = parent_span_id
-        self.start_time = start_time
-        self.end_time = end_time
-        self.status_code = status_code
-        self.status_description = status_description
-        self.attributes = attributes
-
-    @property
-    def context(self) -> SpanRecord:
-        return self
-
-    @property
-    def parent(self) -> _Ids | None:
-        return None if self.parent_span_id is None else _Ids(self.trace_id, self.parent_span_id)
-
-    @property
-    def status(self) -> _Status:
-        if self.status_description is None:
-            return _PLAIN_STATUS[self.status_code]
-        return _Status(self.status_code, self.status_description)
-
-
+# --- what crosses the pipe: a snapshot() tuple, rebuilt as storage.spanview.SpanRecord -----------
 def snapshot(span: Any) -> tuple[Any, ...]:
     """A finished span as plain values; ``SpanRecord(*snapshot(span))`` reads the same.
 

@@ -11,6 +11,8 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 
+from roma_otel.context import COST_UNITS_PER_USD, cost_units
+
 __all__ = ["COMPILE", "EVALUATE", "OptimizerScope", "current_scope"]
 
 COMPILE = "compile"
@@ -22,7 +24,7 @@ _SCOPE_KEY = otel_context.create_key("roma_otel.mlflow.optimizer_scope")
 class OptimizerScope:
     """One outermost compile or evaluate call; sums what the executions inside it cost."""
 
-    __slots__ = ("_lock", "eval_scores", "executions", "id", "kind", "total_cost", "total_tokens")
+    __slots__ = ("_cost_units", "_lock", "eval_scores", "executions", "id", "kind", "total_cost", "total_tokens")
 
     def __init__(self, kind: str, scope_id: str) -> None:
         self.kind = kind
@@ -30,6 +32,7 @@ class OptimizerScope:
         self._lock = threading.Lock()
         self.executions = 0
         self.total_cost = 0.0
+        self._cost_units = 0
         self.total_tokens = 0
         self.eval_scores: list[float] = []
 
@@ -41,7 +44,8 @@ class OptimizerScope:
     def add_execution(self, cost: float, tokens: int) -> None:
         with self._lock:
             self.executions += 1
-            self.total_cost += cost
+            self._cost_units += cost_units(cost)
+            self.total_cost = self._cost_units / COST_UNITS_PER_USD
             self.total_tokens += tokens
 
     def add_eval_score(self, score: float) -> None:

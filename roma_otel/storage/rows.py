@@ -1,6 +1,6 @@
 """Pure translation from finished spans to Postgres rows: no I/O, unit-testable in isolation.
 
-Each function takes a span (anything with ``name``, ``attributes``, ``context``, ``parent``,
+Each function takes a span (a ``storage.spanview.SpanView``: ``name``, ``attributes``, ``context``, ``parent``,
 ``start_time``, ``end_time``, ``status``) and returns a JSON-native dict keyed by column name
 (timestamps as ``*_ns`` epoch nanoseconds), which the writer ships to Postgres as one JSON document per
 table and batch, and the spool stores as is. Rows carry the span's trace and span ids (idempotent writes).
@@ -17,6 +17,7 @@ from opentelemetry.trace import StatusCode
 
 from roma_otel import semconv as sc
 from roma_otel.compat.otel import ended_attributes
+from roma_otel.storage.spanview import SpanView
 
 __all__ = [
     "Batch",
@@ -24,8 +25,10 @@ __all__ = [
     "dag_node",
     "execution_final",
     "lm_row",
+    "node_order",
     "span_attributes",
     "span_error",
+    "standalone_batch",
     "to_batch",
     "tool_invocation_row",
     "tool_metadata",
@@ -41,7 +44,7 @@ def _ts(ns: int | None) -> int:
     return ns or 0
 
 
-def _hex_trace(span: Any) -> str:
+def _hex_trace(span: SpanView) -> str:
     return f"{span.context.trace_id:032x}"
 
 
@@ -49,11 +52,11 @@ def _hex_span(span_id: int | None) -> str | None:
     return None if span_id is None else f"{span_id:016x}"
 
 
-def _duration_ms(span: Any) -> float:
+def _duration_ms(span: SpanView) -> float:
     return ((span.end_time or 0) - (span.start_time or 0)) / 1e6
 
 
-def span_error(span: Any, attrs: dict[str, Any] | None = None) -> str | None:
+def span_error(span: SpanView, attrs: dict[str, Any] | None = None) -> str | None:
     status = span.status
     if status.status_code is not StatusCode.ERROR:
         return None
@@ -62,7 +65,7 @@ def span_error(span: Any, attrs: dict[str, Any] | None = None) -> str | None:
     return status.description or str(attrs.get(sc.ERROR_TYPE, "error"))
 
 
-def _ids(span: Any) -> dict[str, Any]:
+def _ids(span: SpanView) -> dict[str, Any]:
     return {"otel_trace_id": _hex_trace(span), "span_id": _hex_span(span.context.span_id)}
 
 
@@ -73,7 +76,7 @@ def _ids(span: Any) -> dict[str, Any]:
 span_attributes = ended_attributes
 
 
-def classify(span: Any, attrs: dict[str, Any] | None = None) -> str | None:
+def classify(span: SpanView, attrs: dict[str, Any] | None = None) -> str | None:
     """Which table(s) a span feeds, from its name and attributes alone."""
     if attrs is None:
         attrs = span_attributes(span)
@@ -95,7 +98,7 @@ def classify(span: Any, attrs: dict[str, Any] | None = None) -> str | None:
     return None
 
 
-def lm_row(span: Any, attrs: dict[str, Any] | None = None) -> dict[str, Any]:
+def lm_row(span: SpanView, attrs: dict[str, Any] | None = None) -> dict[str, Any]:
     if attrs is None:
         attrs = span_attributes(span)
     prompt = attrs.get(sc.GEN_AI_USAGE_INPUT_TOKENS)
@@ -149,7 +152,7 @@ def tool_metadata(attrs: dict[str, Any], trace_hex: str, span_hex: str | None) -
     return metadata
 
 
-def tool_invocation_row(span: Any, attrs: dict[str, Any] | None = None) -> dict[str, Any]:
+def tool_invocation_row(span: SpanView, attrs: dict[str, Any] | None = None) -> dict[str, Any]:
     if attrs is None:
         attrs = span_attributes(span)
     metadata = tool_metadata(attrs, _hex_trace(span), _hex_span(span.context.span_id))
@@ -170,7 +173,7 @@ def tool_invocation_row(span: Any, attrs: dict[str, Any] | None = None) -> dict[
     }
 
 
-def toolkit_row(span: Any, attrs: dict[str, Any] | None = None) -> dict[str, Any]:
+def toolkit_row(span: SpanView, attrs: dict[str, Any] | None = None) -> dict[str, Any]:
     if attrs is None:
         attrs = span_attributes(span)
     return {
@@ -185,7 +188,7 @@ def toolkit_row(span: Any, attrs: dict[str, Any] | None = None) -> dict[str, Any
     }
 
 
-def dag_node(span: Any, attrs: dict[str, Any] | None = None) -> dict[str, Any]:
+def dag_node(span: SpanView, attrs: dict[str, Any] | None = None) -> dict[str, Any]:
     """A task or module span as a node of the execution's tree (stored in executions.dag_snapshot)."""
     if attrs is None:
         attrs = span_attributes(span)
@@ -210,7 +213,7 @@ def dag_node(span: Any, attrs: dict[str, Any] | None = None) -> dict[str, Any]:
     return node
 
 
-def execution_final(span: Any, attrs: dict[str, Any] | None = None) -> dict[str, Any]:
+def execution_final(span: SpanView, attrs: dict[str, Any] | None = None) -> dict[str, Any]:
     """The executions row as the root span's end describes it."""
     if attrs is None:
         attrs = span_attributes(span)
@@ -234,6 +237,12 @@ def execution_final(span: Any, attrs: dict[str, Any] | None = None) -> dict[str,
     }
 
 
+def node_order(node: dict[str, Any]) -> tuple[str, str]:
+    """A tree's node order: by start, ties by span id. The database merges trees in the same order
+    (``exporters.postgres``, ``COLLATE "C"``: code-point order, as Python compares strings)."""
+    return node["start"], node["span_id"] or ""
+
+
 _CHILD_TABLES = ("lm", "tools", "toolkit")
 
 
@@ -247,6 +256,9 @@ class Batch:
 
     executions: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> first-seen row
     finals: list[dict[str, Any]] = field(default_factory=list)  # execution rows with end figures and dag
+    # Tree nodes to merge into executions already in the database (their root is not in this batch): a
+    # receiver's requests, and a writer's pending nodes at shutdown. Merged by span id, so order-free.
+    nodes: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     _rows: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: {t: [] for t in _CHILD_TABLES})
     _spans: dict[str, list[tuple[Any, dict[str, Any]]]] = field(default_factory=lambda: {t: [] for t in _CHILD_TABLES})
 
@@ -304,11 +316,12 @@ class Batch:
             "executions": list(self.executions.values()),
             **{t: self.rows(t) for t in _CHILD_TABLES},
             "finals": self.finals,
+            "nodes": self.nodes,
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Batch:
-        batch = cls(finals=data.get("finals", []))
+        batch = cls(finals=data.get("finals", []), nodes=dict(data.get("nodes") or {}))
         for table in _CHILD_TABLES:
             batch._rows[table] = list(data.get(table, []))
         for row in data.get("executions", []):
@@ -320,7 +333,7 @@ _BUILDERS = {"lm": lm_row, "tools": tool_invocation_row, "toolkit": toolkit_row}
 
 
 def to_batch(
-    spans: Iterable[tuple[str, Any]], nodes: dict[str, list[dict[str, Any]]], *, persist_toolkit: bool = True
+    spans: Iterable[tuple[str, SpanView]], nodes: dict[str, list[dict[str, Any]]], *, persist_toolkit: bool = True
 ) -> Batch:
     """Translate classified spans into a Batch.
 
@@ -351,6 +364,18 @@ def to_batch(
             final = execution_final(span, attrs)
             tree = nodes.pop(execution_id, [])
             tree.append(dag_node(span, attrs))
-            final["dag_snapshot"] = sorted(tree, key=lambda n: n["start"])
+            final["dag_snapshot"] = sorted(tree, key=node_order)
             batch.finals.append(final)
     return batch
+
+
+def standalone_batch(spans: Iterable[SpanView], *, persist_toolkit: bool = True) -> Batch:
+    """The rows of spans that arrive on their own (an OTLP request): nothing is kept between calls, so
+    tree nodes whose root is not among ``spans`` go to ``Batch.nodes``, which the writer merges into the
+    execution's row, whichever request (or receiver) brings the root, and in any order."""
+    classified = [(kind, span) for span in spans if (kind := classify(span)) is not None]
+    nodes: dict[str, list[dict[str, Any]]] = {}
+    batch = to_batch(classified, nodes, persist_toolkit=persist_toolkit)
+    batch.nodes = nodes
+    return batch
+
