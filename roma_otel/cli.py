@@ -87,7 +87,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from roma_otel.api import TOKEN_ENV, create_app
+        from roma_otel.api import TOKEN_ENV, OtlpSettings, create_app
         from roma_otel.storage.migrate import resolve_database_url
     except ImportError as exc:
         print(f"roma-otel: error: {exc}; install roma-otel[api]", file=sys.stderr)
@@ -105,8 +105,45 @@ def _serve(args: argparse.Namespace) -> int:
             f"roma-otel: warning: serving on {args.host} without authentication; set {TOKEN_ENV} or --token",
             file=sys.stderr,
         )
-    uvicorn.run(create_app(url, token=token), host=args.host, port=args.port, log_level=args.log_level)
+    otlp = None
+    if not args.no_otlp:
+        try:
+            defaults = OtlpSettings()
+            otlp = OtlpSettings(
+                **{
+                    name: _flag_or_env(getattr(args, f"otlp_{name}"), env, getattr(defaults, name))
+                    for name, env in OTLP_ENV.items()
+                }
+            )
+        except ValueError as exc:
+            print(f"roma-otel: error: {exc}", file=sys.stderr)
+            return 2
+    app = create_app(url, token=token, otlp=otlp)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+# The receiver's settings: `serve --otlp-max-body-bytes` and so on, or these variables.
+OTLP_ENV = {
+    "max_body_bytes": "ROMA_OTEL_OTLP_MAX_BODY_BYTES",
+    "max_queued_spans": "ROMA_OTEL_OTLP_MAX_QUEUED_SPANS",
+    "connections": "ROMA_OTEL_OTLP_CONNECTIONS",
+}
+
+
+def _flag_or_env(value: int | None, env: str, default: int) -> int:
+    """A flag's value, else its environment variable's, else the default."""
+    import os
+
+    if value is not None:
+        return value
+    raw = os.environ.get(env, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{env} must be an integer, got {raw!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,6 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["critical", "error", "warning", "info", "debug"],
         help="uvicorn log level (default info)",
     )
+    serve.add_argument(
+        "--no-otlp", action="store_true", help="do not accept OTLP/HTTP traces at POST /v1/traces (on by default)"
+    )
+    for name, env, what in (
+        ("max-body-bytes", OTLP_ENV["max_body_bytes"], "largest request body, decompressed (default 16 MiB)"),
+        ("max-queued-spans", OTLP_ENV["max_queued_spans"], "spans being written before answering 503 (default 20000)"),
+        ("connections", OTLP_ENV["connections"], "database connections writing OTLP spans (default 2)"),
+    ):
+        serve.add_argument(f"--otlp-{name}", type=int, metavar="N", help=f"OTLP receiver: {what}; or ${env}")
     serve.set_defaults(func=_serve)
 
     report = sub.add_parser("report", help="print an execution's tree, cost and slowest tool calls from PostgreSQL")

@@ -283,12 +283,40 @@ def test_collector_translation_of_the_instruments_gives_the_contract_series() ->
 
 
 def test_collector_sends_traces_to_mlflow_with_the_experiment_header(collector: dict[str, Any]) -> None:
-    (name,) = [n for n in collector["exporters"] if n.split("/")[0] == "otlphttp"]
-    exporter = collector["exporters"][name]
+    exporter = collector["exporters"]["otlphttp/mlflow"]
     assert exporter["traces_endpoint"].endswith("/v1/traces")
     assert exporter["headers"]["x-mlflow-experiment-id"]
-    assert collector["service"]["pipelines"]["traces"]["exporters"] == [name]
+    assert collector["service"]["pipelines"]["traces"]["exporters"] == ["otlphttp/mlflow", "otlphttp/roma"]
     assert collector["service"]["pipelines"]["metrics"]["exporters"] == ["prometheus"]
+
+
+def test_collector_sends_traces_to_roma_otel_serve_with_a_queue_and_retries(collector: dict[str, Any]) -> None:
+    from roma_otel.api.app import TOKEN_ENV
+    from roma_otel.api.otlp import TRACES_PATH
+    from roma_otel.cli import build_parser
+
+    exporter = collector["exporters"]["otlphttp/roma"]
+    serve = build_parser().parse_args(["serve"])
+    assert exporter["traces_endpoint"] == f"http://{serve.host}:{serve.port}{TRACES_PATH}"  # serve's defaults
+    assert exporter["headers"]["Authorization"] == f"Bearer ${{env:{TOKEN_ENV}}}"
+    assert exporter["encoding"] == "proto" and exporter["compression"] == "gzip"  # what the receiver decodes
+    assert exporter["sending_queue"]["enabled"] and exporter["sending_queue"]["queue_size"] > 0
+    retry = exporter["retry_on_failure"]
+    assert retry["enabled"] and retry["max_elapsed_time"] == 0  # held until the database is back
+
+
+def test_load_balancing_collector_keeps_each_trace_on_one_replica() -> None:
+    """collector-loadbalancer.yaml, the fleet's first tier (README "A fleet of agents")."""
+    config = yaml.safe_load((ROOT / "collector-loadbalancer.yaml").read_text(encoding="utf-8"))
+    (pipeline,) = config["service"]["pipelines"].values()
+    assert pipeline["processors"][0] == "memory_limiter"
+    assert pipeline["exporters"] == ["loadbalancing"]
+    for kind in ("receivers", "processors", "exporters"):
+        assert set(pipeline[kind]) == set(config[kind]), kind
+    balancer = config["exporters"]["loadbalancing"]
+    assert balancer["routing_key"] == "traceID"  # every span of an execution to the same replica
+    assert "otlp" in balancer["protocol"]  # the loadbalancing exporter speaks OTLP/gRPC only
+    assert len(balancer["resolver"]["static"]["hostnames"]) >= 2
 
 
 def test_collector_config_explains_each_part() -> None:

@@ -1,7 +1,8 @@
 """FastAPI REST API over roma-otel's PostgreSQL tables: executions, costs, LM calls and toolkit telemetry.
 
 ``create_app(storage_or_dsn, token=...)`` builds the app (ROMA's toolkit endpoints plus executions, costs,
-LM traces and a health check); ``roma-otel serve`` runs it under uvicorn.
+LM traces and a health check, and the OTLP/HTTP traces receiver of ``api.otlp``); ``roma-otel serve`` runs
+it under uvicorn.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from roma_otel.api.otlp import OtlpSettings, otlp_router
 from roma_otel.config import PostgresConfig
+from roma_otel.exporters.ingest import IngestWriter
 from roma_otel.storage.postgres import MAX_LIMIT, PostgresStorage, SchemaMissingError, StorageUnavailableError
 from roma_otel.version import __version__
 
@@ -46,6 +49,8 @@ EXECUTIONS_MAX_LIMIT = 1000
 DB_TIMEOUT = 5.0
 # Seconds a request's query may take: a server that stops answering costs a request this much, not forever.
 QUERY_TIMEOUT = 30.0
+
+_DEFAULT_OTLP = OtlpSettings()  # never changed: a dataclass default that create_app only reads
 
 Operation = Literal["create", "cache_hit", "cache_miss", "cleanup"]
 ExecutionId = Annotated[str, Path(description="the execution's id")]
@@ -209,12 +214,19 @@ class BearerAuthMiddleware:
 
 
 # --- the app ----------------------------------------------------------------------------------------
-def create_app(storage_or_dsn: PostgresStorage | PostgresConfig | str, *, token: str | None = None) -> FastAPI:
+def create_app(
+    storage_or_dsn: PostgresStorage | PostgresConfig | str,
+    *,
+    token: str | None = None,
+    otlp: OtlpSettings | None = _DEFAULT_OTLP,
+) -> FastAPI:
     """The REST API over ``storage_or_dsn`` (a storage, a PostgresConfig or a DSN).
 
     The lifespan opens the storage at startup and closes it at shutdown. If the database cannot be reached at
     startup the app still starts: /health answers 503 and every request retries the connection.
     With ``token``, every path except /health requires ``Authorization: Bearer <token>``.
+    ``otlp``: the OTLP/HTTP traces receiver's settings (``POST /v1/traces``, see ``api.otlp``); None turns
+    it off.
     """
     storage = (
         storage_or_dsn
@@ -223,9 +235,16 @@ def create_app(storage_or_dsn: PostgresStorage | PostgresConfig | str, *, token:
     )
     if token is not None and not token.strip():
         raise ValueError("token must be a non-empty string (or None for no authentication)")
+    writer = (
+        IngestWriter(storage.conninfo, connections=otlp.connections, max_queued_spans=otlp.max_queued_spans)
+        if otlp is not None
+        else None
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if writer is not None:
+            writer.start()
         try:
             await asyncio.wait_for(storage.initialize(), DB_TIMEOUT)
         except _UNAVAILABLE as exc:
@@ -235,6 +254,8 @@ def create_app(storage_or_dsn: PostgresStorage | PostgresConfig | str, *, token:
         try:
             yield
         finally:
+            if writer is not None:
+                await asyncio.to_thread(writer.close)  # waits for writes in progress
             await storage.close()
 
     app = FastAPI(
@@ -244,6 +265,9 @@ def create_app(storage_or_dsn: PostgresStorage | PostgresConfig | str, *, token:
         lifespan=lifespan,
     )
     app.state.storage = storage
+    app.state.ingest = writer
+    if writer is not None and otlp is not None:
+        app.include_router(otlp_router(writer, otlp))
     app.add_exception_handler(RequestValidationError, _validation_error)
     for exc_type in (DatabaseUnavailableError, StorageUnavailableError, SchemaMissingError):
         app.add_exception_handler(exc_type, _unavailable)

@@ -665,6 +665,10 @@ class PostgresSpanProcessor(QueueingSpanProcessor):
         logger.warning(
             "roma-otel: postgres write failed (%s); retrying in %.1fs, spooling meanwhile", exc, self._backoff
         )
+        self.disconnect()
+
+    def disconnect(self) -> None:
+        """Close the connection (after a failure); the next write connects again."""
         if self._conn is not None:
             try:
                 self._conn.close()

@@ -228,6 +228,11 @@ class PostgresStorage:
         self._last_answer: BaseException | None = None
         self._background: set[asyncio.Future[None]] = set()  # checks given up on, pool closes (see _keep)
 
+    @property
+    def conninfo(self) -> str:
+        """The libpq connection string or URL this storage reads from."""
+        return self._conninfo
+
     # --- lifecycle ----------------------------------------------------------------------------------
     async def initialize(self) -> None:
         """Check the schema exists, then open the connection pool. Idempotent.
