@@ -36,7 +36,8 @@ nox.options.error_on_missing_interpreters = True
 # ROMA's users fails fast.
 nox.options.sessions = ["roma-lock", "floor", "dspy-3.1", "dspy-3.2", "dspy-3.3", "latest", "latest-3.13"]
 
-# Instrumentation, LM, tool, propagation, Prometheus and demo tests, and the contract: what every cell runs.
+# Instrumentation, LM, tool, propagation, Prometheus, demo, MLflow and OTLP-receiver tests, and the contract:
+# what every cell runs.
 CORE_TESTS = [
     "tests/test_contract.py",
     "tests/test_compat.py",
@@ -60,6 +61,10 @@ CORE_TESTS = [
     "tests/test_mlflow_traces.py",
     "tests/test_genai_latest.py",
     "tests/test_content.py",
+    # The OTLP receiver: protobuf 6 and 7, and the 1.38 SDK exporter's retries (503, never 429).
+    "tests/test_otlp_decode.py",
+    "tests/test_otlp_receiver.py",
+    "tests/test_dag_merge.py",
 ]
 
 # What the SDK's private fast paths touch (compat.otel): run again with ROMA_OTEL_SDK_FAST_PATHS=0 on the
