@@ -1,0 +1,413 @@
+"""OTLP/HTTP ingest through ``roma-otel serve`` against the in-process writer and a raw COPY, in one run.
+
+The same ``make_spans`` spans (``benchmarks/ingest.py``) go, round by round and in a rotating order, through:
+
+- **raw COPY**: one COPY of the already translated rows (``benchmarks.ingest.raw_copy``): the floor;
+- **in-process writer**: ``PostgresSpanProcessor`` on a thread (``benchmarks.ingest.ingest_writer``);
+- **OTLP ingest**: ``roma-otel serve`` in a subprocess on the same database; the spans, encoded as OTLP
+  protobuf requests *before* timing (the SDK's encoder costs far more than the receiver), are POSTed over
+  keep-alive ``http.client`` connections from a few sender threads, timed from the first POST to the last
+  200 (the receiver answers after commit, so a 200 is a committed row).
+
+The tables are truncated between measurements and every row is counted after each. Afterwards the same
+bodies are taken apart in this process, phase by phase (gunzip, ``storage.otlp.decode``, translation), to
+show where a span's time goes; the serve process's and Postgres' CPU seconds during each measurement
+(``/proc/PID/stat``) show which of the two is the bottleneck. Usage:
+
+    python benchmarks/otlp_ingest.py [--rows 20000] [--rounds 10] [--spans-per-request 512] [--gzip]
+        [--senders 2] [--otlp-connections 2] [--batch-size 500] [--dsn postgresql://...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import gzip
+import http.client
+import itertools
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+from google.protobuf.internal import api_implementation
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from benchmarks.ingest import count, ingest_writer, make_spans, raw_copy, reset
+from roma_otel.api.otlp import DEFAULT_MAX_BODY_BYTES
+from roma_otel.exporters.postgres import PostgresSpanProcessor, copy_payload
+from roma_otel.storage import otlp
+from roma_otel.storage.localpg import PostgresServer, find_bindir, wait_ready
+from roma_otel.storage.migrate import upgrade
+from roma_otel.storage.rows import standalone_batch
+
+PATHS = ("raw COPY", "in-process writer", "OTLP ingest")
+_TICK = os.sysconf("SC_CLK_TCK")
+_LIMIT = DEFAULT_MAX_BODY_BYTES  # the receiver's default bound, as it decompresses
+
+
+# --- CPU accounting -------------------------------------------------------------------------------
+def _stat(pid: int) -> list[str]:
+    # /proc/PID/stat: "pid (command) state ppid ...": fields from the state on (field 3 is index 0).
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def process_cpu(pid: int, children: bool = False) -> float:
+    """CPU seconds (user + system) of ``pid``; with ``children``, plus those of its reaped children."""
+    fields = _stat(pid)
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    if children:
+        ticks += int(fields[13]) + int(fields[14])  # cutime, cstime (fields 16 and 17)
+    return ticks / _TICK
+
+
+def postgres_cpu(server: PostgresServer | None) -> float:
+    """CPU seconds of the whole cluster so far: every live process, plus the backends that have exited
+    (the postmaster reaps them, so their time is in its cutime/cstime). A backend that exits between
+    two readings counts as itself in the first and in the postmaster's children's time in the second."""
+    if server is None:
+        return float("nan")
+    pids = server.processes()
+    total = 0.0
+    for i, pid in enumerate(pids):
+        try:
+            total += process_cpu(pid, children=i == 0)
+        except (OSError, ValueError, IndexError):  # gone meanwhile: already in the postmaster's cutime
+            pass
+    return total
+
+
+# --- the serve subprocess -------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_serve(dsn: str, port: int, connections: int, log: Any) -> subprocess.Popen[bytes]:
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [
+        sys.executable, "-m", "roma_otel.cli", "serve", "--url", dsn, "--port", str(port),
+        "--log-level", "warning", "--otlp-connections", str(connections),
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"roma-otel serve exited with {proc.returncode}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/health")
+            response = conn.getresponse()
+            response.read()
+            conn.close()
+            if response.status == 200:
+                return proc
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            proc.terminate()
+            raise RuntimeError("roma-otel serve did not answer /health with 200 within 60 s")
+        time.sleep(0.1)
+
+
+# --- OTLP bodies and the senders ------------------------------------------------------------------
+def encode_bodies(spans: list[Any], per_request: int, compress: bool) -> list[bytes]:
+    """OTLP protobuf ExportTraceServiceRequest bodies, ``per_request`` spans each (gzipped if asked)."""
+    bodies = []
+    for i in range(0, len(spans), per_request):
+        body = encode_spans(spans[i : i + per_request]).SerializeToString()
+        bodies.append(gzip.compress(body, compresslevel=6) if compress else body)
+    return bodies
+
+
+def post_all(port: int, bodies: list[bytes], senders: int, compress: bool) -> float:
+    """Seconds from the first POST to the last 200, ``senders`` keep-alive connections pulling bodies
+    from one shared list. Raises if any answer is not a 200 with full success."""
+    headers = {"Content-Type": otlp.PROTOBUF}
+    if compress:
+        headers["Content-Encoding"] = "gzip"
+    conns = [http.client.HTTPConnection("127.0.0.1", port, timeout=300) for _ in range(senders)]
+    for conn in conns:
+        conn.connect()  # before the clock: the TCP handshakes are not ingest
+    next_index = itertools.count().__next__  # one C call: atomic under the GIL
+    barrier = threading.Barrier(senders + 1)
+    first: list[float] = []
+    last: list[float] = []
+    errors: list[str] = []
+
+    def send(conn: http.client.HTTPConnection) -> None:
+        barrier.wait()
+        started = False
+        try:
+            while (i := next_index()) < len(bodies):
+                if not started:
+                    first.append(time.perf_counter())
+                    started = True
+                conn.request("POST", "/v1/traces", bodies[i], headers)
+                response = conn.getresponse()
+                data = response.read()
+                if response.status != 200 or data:  # an empty ExportTraceServiceResponse: all stored
+                    errors.append(f"request {i}: HTTP {response.status}, body {data[:200]!r}")
+                    return
+            last.append(time.perf_counter())
+        except Exception as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=send, args=(conn,)) for conn in conns]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    for thread in threads:
+        thread.join()
+    for conn in conns:
+        conn.close()
+    if errors:
+        raise RuntimeError("OTLP ingest failed: " + "; ".join(errors))
+    return max(last) - min(first)
+
+
+# --- where the time goes --------------------------------------------------------------------------
+def _per_span(fn: Callable[[], Any], spans: int, repeats: int) -> float:
+    """Median µs per span of ``fn`` (one pass over every body) over ``repeats`` passes."""
+    times = []
+    for _ in range(repeats):
+        gc.collect()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) / spans * 1e6
+
+
+def breakdown(bodies: list[bytes], compress: bool, spans: int, repeats: int) -> dict[str, float]:
+    """µs per span for each phase of the receiver's work, run here on the same bodies."""
+    encoding = "gzip" if compress else None
+    raw = [otlp.decompress(b, encoding, _LIMIT) for b in bodies]
+    decoded = [otlp.decode(b, otlp.PROTOBUF).records for b in raw]
+    assert sum(len(r) for r in decoded) == spans, (sum(len(r) for r in decoded), spans)
+    result: dict[str, float] = {}
+    if compress:
+        result["gunzip"] = _per_span(lambda: [otlp.decompress(b, encoding, _LIMIT) for b in bodies], spans, repeats)
+    result["protobuf parse (FromString)"] = _per_span(
+        lambda: [ExportTraceServiceRequest.FromString(b) for b in raw], spans, repeats
+    )
+    result["decode (FromString + SpanRecords)"] = _per_span(
+        lambda: [otlp.decode(b, otlp.PROTOBUF) for b in raw], spans, repeats
+    )
+    result["translation (standalone_batch + copy_payload)"] = _per_span(
+        lambda: [copy_payload(standalone_batch(r)) for r in decoded], spans, repeats
+    )
+    result["  of which standalone_batch"] = _per_span(lambda: [standalone_batch(r) for r in decoded], spans, repeats)
+    return result
+
+
+def direct_write(
+    dsn: str, server: PostgresServer | None, bodies: list[bytes], compress: bool, rows: int, repeats: int
+) -> tuple[float, float]:
+    """The receiver's database work alone: the requests' batches, translated ahead, written one after the
+    other by ``PostgresSpanProcessor.write`` (the receiver's engine) on one connection from this process.
+    Median (wall µs per span, Postgres CPU µs per span) over ``repeats`` passes."""
+    encoding = "gzip" if compress else None
+    raw = [otlp.decompress(b, encoding, _LIMIT) for b in bodies]
+    batches = [standalone_batch(otlp.decode(b, otlp.PROTOBUF).records) for b in raw]
+    prepared = [(batch, copy_payload(batch)) for batch in batches]
+    walls: list[float] = []
+    cpus: list[float] = []
+    for _ in range(repeats):
+        reset(dsn)
+        engine = PostgresSpanProcessor(dsn, threaded=False, connect_early=False)  # a fresh one knows no execution
+        try:
+            engine._connection()  # connected before the clock
+            gc.collect()
+            pg0 = postgres_cpu(server)
+            start = time.perf_counter()
+            for batch, payload in prepared:
+                engine.write(batch, payload)
+            walls.append((time.perf_counter() - start) / rows * 1e6)
+            cpus.append((postgres_cpu(server) - pg0) / rows * 1e6)
+        finally:
+            engine.flush_timeout = 0.0
+            engine.shutdown()
+        got = count(dsn)
+        if got != rows:
+            raise RuntimeError(f"direct write: {got} rows in tool_invocation_traces, expected {rows}")
+    reset(dsn)
+    return statistics.median(walls), statistics.median(cpus)
+
+
+# --- the rounds -----------------------------------------------------------------------------------
+def run(dsn: str, server: PostgresServer | None, args: argparse.Namespace) -> int:
+    spans = make_spans(args.rows)
+    assert len(spans) == args.rows + 1  # the tool spans and their execution's root
+    bodies = encode_bodies(spans, args.spans_per_request, args.gzip)
+    size = sum(len(b) for b in bodies)
+    print(f"rows={args.rows} rounds={args.rounds} spans/request={args.spans_per_request} requests={len(bodies)} "
+          f"({size / len(bodies) / 1024:.0f} KiB each{', gzip' if args.gzip else ''}) senders={args.senders} "
+          f"otlp-connections={args.otlp_connections} writer batch={args.batch_size} "
+          f"protobuf={api_implementation.Type()} cpus={os.cpu_count()}")  # fmt: skip
+
+    with tempfile.NamedTemporaryFile("w+b", prefix="roma-otel-serve-", suffix=".log") as log:
+        port = free_port()
+        proc = start_serve(dsn, port, args.otlp_connections, log)
+        try:
+            return _rounds(dsn, server, args, spans, bodies, port, proc)
+        except Exception:
+            log.flush()
+            log.seek(0)
+            tail = log.read().decode(errors="replace")[-4000:]
+            print(f"--- roma-otel serve output ---\n{tail}", file=sys.stderr)
+            raise
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _rounds(
+    dsn: str,
+    server: PostgresServer | None,
+    args: argparse.Namespace,
+    spans: list[Any],
+    bodies: list[bytes],
+    port: int,
+    proc: subprocess.Popen[bytes],
+) -> int:
+    n = args.rows
+    # Warm-up, not counted: the receiver's first requests import and connect.
+    reset(dsn)
+    post_all(port, bodies, args.senders, args.gzip)
+    assert count(dsn) == n, count(dsn)
+
+    measure: dict[str, Callable[[], float]] = {
+        "raw COPY": lambda: raw_copy(dsn, spans),
+        "in-process writer": lambda: ingest_writer(dsn, spans, args.batch_size, False),
+        "OTLP ingest": lambda: post_all(port, bodies, args.senders, args.gzip),
+    }
+    rate: dict[str, list[float]] = {p: [] for p in PATHS}
+    pg_cpu: dict[str, list[float]] = {p: [] for p in PATHS}  # µs per span
+    here_cpu: dict[str, list[float]] = {p: [] for p in PATHS}  # this process (the senders, for OTLP)
+    serve_cpu: list[float] = []
+    phases: dict[str, list[float]] = {}
+    db_wall: list[float] = []
+    db_cpu: list[float] = []
+    order = list(PATHS)
+    print("\n| round | raw COPY rows/s | in-process writer rows/s | OTLP rows/s | OTLP / raw COPY | OTLP / writer "
+          "| serve CPU µs/span | Postgres CPU µs/span (COPY / writer / OTLP) |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for round_ in range(args.rounds):
+        for path in order[round_ % 3 :] + order[: round_ % 3]:  # rotate who goes first
+            reset(dsn)
+            gc.collect()
+            pg0, here0, serve0 = postgres_cpu(server), time.process_time(), process_cpu(proc.pid)
+            seconds = measure[path]()
+            pg1, here1, serve1 = postgres_cpu(server), time.process_time(), process_cpu(proc.pid)
+            got = count(dsn)
+            if got != n:
+                raise RuntimeError(f"round {round_ + 1}, {path}: {got} rows in tool_invocation_traces, expected {n}")
+            rate[path].append(n / seconds)
+            pg_cpu[path].append((pg1 - pg0) / n * 1e6)
+            here_cpu[path].append((here1 - here0) / n * 1e6)
+            if path == "OTLP ingest":
+                serve_cpu.append((serve1 - serve0) / n * 1e6)
+        # Where the time goes, in the same round: the phases here, then the database alone.
+        for name, value in breakdown(bodies, args.gzip, n + 1, args.breakdown_repeats).items():
+            phases.setdefault(name, []).append(value)
+        wall_, cpu_ = direct_write(dsn, server, bodies, args.gzip, n, args.breakdown_repeats)
+        db_wall.append(wall_)
+        db_cpu.append(cpu_)
+        r = {p: rate[p][-1] for p in PATHS}
+        print(f"| {round_ + 1} | {r['raw COPY']:,.0f} | {r['in-process writer']:,.0f} | {r['OTLP ingest']:,.0f} "
+              f"| {r['OTLP ingest'] / r['raw COPY']:.2f} | {r['OTLP ingest'] / r['in-process writer']:.2f} "
+              f"| {serve_cpu[-1]:.1f} | {pg_cpu['raw COPY'][-1]:.1f} / {pg_cpu['in-process writer'][-1]:.1f} "
+              f"/ {pg_cpu['OTLP ingest'][-1]:.1f} |")  # fmt: skip
+    reset(dsn)
+
+    def med(values: list[float]) -> float:
+        return statistics.median(values)
+
+    vs_copy = [o / c for o, c in zip(rate["OTLP ingest"], rate["raw COPY"], strict=True)]
+    vs_writer = [o / w for o, w in zip(rate["OTLP ingest"], rate["in-process writer"], strict=True)]
+    writer_vs_copy = [w / c for w, c in zip(rate["in-process writer"], rate["raw COPY"], strict=True)]
+    print(f"| **median** | {med(rate['raw COPY']):,.0f} | {med(rate['in-process writer']):,.0f} "
+          f"| {med(rate['OTLP ingest']):,.0f} | **{med(vs_copy):.2f}** | **{med(vs_writer):.2f}** "
+          f"| {med(serve_cpu):.1f} | {med(pg_cpu['raw COPY']):.1f} / {med(pg_cpu['in-process writer']):.1f} "
+          f"/ {med(pg_cpu['OTLP ingest']):.1f} |")  # fmt: skip
+    met = sum(v >= 0.7 for v in vs_copy)
+    print(f"\nOTLP / raw COPY: median of per-round ratios {med(vs_copy):.3f} (range {min(vs_copy):.2f}-"
+          f"{max(vs_copy):.2f}; goal ≥ 0.7, met in {met} of {len(vs_copy)} rounds)")  # fmt: skip
+    print(f"OTLP / in-process writer: {med(vs_writer):.3f} (range {min(vs_writer):.2f}-{max(vs_writer):.2f}); "
+          f"in-process writer / raw COPY: {med(writer_vs_copy):.3f}")  # fmt: skip
+
+    wall = {p: 1e6 / med(rate[p]) for p in PATHS}
+    print("\nwhere a span's time goes, µs per span, medians over the rounds (phases: in this process on the "
+          "same bodies, after each round's three measurements):")  # fmt: skip
+    print("| | µs/span |")
+    print("|---|---:|")
+    for name, values in phases.items():
+        print(f"| {name} | {med(values):.2f} |")
+    python = sum(med(v) for k, v in phases.items() if not k.startswith("  ") and not k.startswith("protobuf"))
+    print(f"| receiver's Python work measured here (gunzip + decode + translation) | {python:.2f} |")
+    print(f"| serve process CPU during OTLP ingest (everything: HTTP, ASGI, decode, translation, psycopg) "
+          f"| {med(serve_cpu):.2f} |")  # fmt: skip
+    print(f"| rest of the serve process's CPU (HTTP, ASGI, threads, psycopg COPY) | {med(serve_cpu) - python:.2f} |")
+    print(f"| senders' CPU (this process) during OTLP ingest | {med(here_cpu['OTLP ingest']):.2f} |")
+    for path in PATHS:
+        print(f"| Postgres CPU, {path} | {med(pg_cpu[path]):.2f} |")
+    print(f"| benchmark process CPU, in-process writer (whole call: its start, translation, COPY client) "
+          f"| {med(here_cpu['in-process writer']):.2f} |")  # fmt: skip
+    print(f"| database alone: the requests' batches by PostgresSpanProcessor.write, one connection, wall "
+          f"| {med(db_wall):.2f} |")  # fmt: skip
+    print(f"| database alone, Postgres CPU | {med(db_cpu):.2f} |")
+    for path in PATHS:
+        print(f"| wall, {path} (1 / median rate) | {wall[path]:.2f} |")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=20_000, help="tool spans (their execution's root rides along)")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--spans-per-request", type=int, default=512)
+    parser.add_argument("--gzip", action="store_true", help="gzip the request bodies (Content-Encoding: gzip)")
+    parser.add_argument("--senders", type=int, default=2, help="sender threads, one keep-alive connection each")
+    parser.add_argument("--otlp-connections", type=int, default=2, help="roma-otel serve --otlp-connections")
+    parser.add_argument("--batch-size", type=int, default=500, help="the in-process writer's batch size")
+    parser.add_argument("--breakdown-repeats", type=int, default=1, help="passes per phase and round, breakdown")
+    parser.add_argument("--dsn", help="an empty database (default: a throwaway local cluster)")
+    args = parser.parse_args(argv)
+
+    server = None
+    dsn = args.dsn
+    if dsn is None:
+        bindir = find_bindir()
+        if bindir is None:
+            print("no PostgreSQL server binaries found; pass --dsn", file=sys.stderr)
+            return 2
+        server = PostgresServer(bindir).start()
+        dsn = server.dsn
+        wait_ready(dsn)
+    try:
+        upgrade(dsn)
+        return run(dsn, server, args)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
