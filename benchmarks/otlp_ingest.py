@@ -78,6 +78,9 @@ def postgres_cpu(server: PostgresServer | None) -> float:
     two readings counts as itself in the first and in the postmaster's children's time in the second."""
     if server is None:
         return float("nan")
+    # A backend whose client just disconnected (the measured code's, or reset()'s) may be exiting: one
+    # reaped between the listing and its own reading would be counted nowhere. Let it go first.
+    time.sleep(0.05)
     pids = server.processes()
     total = 0.0
     for i, pid in enumerate(pids):
