@@ -9,12 +9,14 @@ by default, a throwaway cluster started like the test suite does. Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -268,6 +270,27 @@ def ingestion(dsn: str, args: argparse.Namespace) -> None:
     print(f"writer / INSERT-per-transaction = {rate['process'] / insert_rate:.1f}")
 
 
+@contextlib.contextmanager
+def benchmark_database(dsn: str | None) -> Iterator[tuple[str, PostgresServer | None]]:
+    """``dsn``, migrated; without one, a throwaway cluster started like the test suite does (and its server,
+    stopped afterwards). Exits with status 2 when there is neither a DSN nor PostgreSQL's server binaries."""
+    server = None
+    if dsn is None:
+        bindir = find_bindir()
+        if bindir is None:
+            print("no PostgreSQL server binaries found; pass --dsn", file=sys.stderr)
+            raise SystemExit(2)
+        server = PostgresServer(bindir).start()
+        dsn = server.dsn
+        wait_ready(dsn)
+    try:
+        upgrade(dsn)
+        yield dsn, server
+    finally:
+        if server is not None:
+            server.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=20_000)
@@ -286,18 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         print("--pin needs two CPUs and the benchmark's own cluster (no --dsn)", file=sys.stderr)
         return 2
 
-    server = None
-    dsn = args.dsn
-    if dsn is None:
-        bindir = find_bindir()
-        if bindir is None:
-            print("no PostgreSQL server binaries found; pass --dsn", file=sys.stderr)
-            return 2
-        server = PostgresServer(bindir).start()
-        dsn = server.dsn
-        wait_ready(dsn)
-    try:
-        upgrade(dsn)
+    with benchmark_database(args.dsn) as (dsn, server):
         if not args.skip_ingest:
             ingestion(dsn, args)
         app = app_overhead(dsn, args.app_calls, args.app_rounds, server if args.pin else None)
@@ -313,9 +325,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {name} | {wall[name]:.1f} | {wall[name] / wall['writer off']:.3f} | {thread[name]:.1f} | "
                   f"{thread[name] / thread['writer off']:.3f} | {backlog[name]:,.0f} | "
                   f"{cpu[name]:.1f} | {cpu[name] / cpu['writer off']:.3f} |")  # fmt: skip
-    finally:
-        if server is not None:
-            server.stop()
     return 0
 
 

@@ -44,12 +44,11 @@ from google.protobuf.internal import api_implementation
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from benchmarks.ingest import count, ingest_writer, make_spans, raw_copy, reset
+from benchmarks.ingest import benchmark_database, count, ingest_writer, make_spans, raw_copy, reset
 from roma_otel.api.otlp import DEFAULT_MAX_BODY_BYTES
 from roma_otel.exporters.postgres import PostgresSpanProcessor, copy_payload
 from roma_otel.storage import otlp
-from roma_otel.storage.localpg import PostgresServer, find_bindir, wait_ready
-from roma_otel.storage.migrate import upgrade
+from roma_otel.storage.localpg import PostgresServer
 from roma_otel.storage.rows import standalone_batch
 
 PATHS = ("raw COPY", "in-process writer", "OTLP ingest")
@@ -394,22 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dsn", help="an empty database (default: a throwaway local cluster)")
     args = parser.parse_args(argv)
 
-    server = None
-    dsn = args.dsn
-    if dsn is None:
-        bindir = find_bindir()
-        if bindir is None:
-            print("no PostgreSQL server binaries found; pass --dsn", file=sys.stderr)
-            return 2
-        server = PostgresServer(bindir).start()
-        dsn = server.dsn
-        wait_ready(dsn)
-    try:
-        upgrade(dsn)
+    with benchmark_database(args.dsn) as (dsn, server):
         return run(dsn, server, args)
-    finally:
-        if server is not None:
-            server.stop()
 
 
 if __name__ == "__main__":

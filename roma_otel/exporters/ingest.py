@@ -172,21 +172,17 @@ class IngestWriter:
     def _prepare(self, records: Sequence[SpanRecord], result: Ingested) -> tuple[Batch, Any, list[SpanRecord]] | None:
         """The request's batch and COPY text; spans that cannot be translated are found one by one and rejected."""
         try:
-            batch = standalone_batch(records, persist_toolkit=self.persist_toolkit)
-            return batch, copy_payload(batch), list(records)
+            return (*self._rebuilt(records), list(records))
         except Exception:
             pass
         good = []
         for record in records:
             try:
-                copy_payload(standalone_batch([record], persist_toolkit=self.persist_toolkit))
+                self._rebuilt([record])
                 good.append(record)
             except Exception as exc:
                 result.reject(1, f"span {record.span_id:016x}: no row can be made of it ({_describe(exc)})")
-        if not good:
-            return None
-        batch = standalone_batch(good, persist_toolkit=self.persist_toolkit)
-        return batch, copy_payload(batch), good
+        return (*self._rebuilt(good), good) if good else None
 
     def _write(self, prepared: tuple[Batch, Any, list[SpanRecord]], result: Ingested) -> None:
         from psycopg import errors
@@ -214,7 +210,8 @@ class IngestWriter:
             except Exception as exc:
                 self._unavailable(exc)
 
-    def _rebuilt(self, records: list[SpanRecord]) -> tuple[Batch, Any]:
+    def _rebuilt(self, records: Sequence[SpanRecord]) -> tuple[Batch, Any]:
+        """The batch of ``records`` and its COPY text."""
         batch = standalone_batch(records, persist_toolkit=self.persist_toolkit)
         return batch, copy_payload(batch)
 
