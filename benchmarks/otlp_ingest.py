@@ -15,7 +15,7 @@ show where a span's time goes; the serve process's and Postgres' CPU seconds dur
 (``/proc/PID/stat``) show which of the two is the bottleneck. Usage:
 
     python benchmarks/otlp_ingest.py [--rows 20000] [--rounds 10] [--spans-per-request 512] [--gzip]
-        [--senders 2] [--otlp-connections 2] [--batch-size 500] [--dsn postgresql://...]
+        [--senders 2] [--otlp-connections 2] [--serve-workers 1] [--batch-size 500] [--dsn postgresql://...]
 """
 
 from __future__ import annotations
@@ -71,6 +71,17 @@ def process_cpu(pid: int, children: bool = False) -> float:
     return ticks / _TICK
 
 
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of ``pid`` and its live child processes (``serve --workers N``'s workers)."""
+    total = process_cpu(pid)
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        try:
+            total += process_cpu(int(child))
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
 def postgres_cpu(server: PostgresServer | None) -> float:
     """CPU seconds of the whole cluster so far: every live process, plus the backends that have exited
     (the postmaster reaps them, so their time is in its cutime/cstime). A backend that exits between
@@ -97,12 +108,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_serve(dsn: str, port: int, connections: int, log: Any) -> subprocess.Popen[bytes]:
+def start_serve(dsn: str, port: int, connections: int, workers: int, log: Any) -> subprocess.Popen[bytes]:
     root = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [
         sys.executable, "-m", "roma_otel.cli", "serve", "--url", dsn, "--port", str(port),
-        "--log-level", "warning", "--otlp-connections", str(connections),
+        "--log-level", "warning", "--otlp-connections", str(connections), "--workers", str(workers),
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
@@ -257,12 +268,12 @@ def run(dsn: str, server: PostgresServer | None, args: argparse.Namespace) -> in
     size = sum(len(b) for b in bodies)
     print(f"rows={args.rows} rounds={args.rounds} spans/request={args.spans_per_request} requests={len(bodies)} "
           f"({size / len(bodies) / 1024:.0f} KiB each{', gzip' if args.gzip else ''}) senders={args.senders} "
-          f"otlp-connections={args.otlp_connections} writer batch={args.batch_size} "
+          f"otlp-connections={args.otlp_connections} serve-workers={args.serve_workers} writer batch={args.batch_size} "
           f"protobuf={api_implementation.Type()} cpus={os.cpu_count()}")  # fmt: skip
 
     with tempfile.NamedTemporaryFile("w+b", prefix="roma-otel-serve-", suffix=".log") as log:
         port = free_port()
-        proc = start_serve(dsn, port, args.otlp_connections, log)
+        proc = start_serve(dsn, port, args.otlp_connections, args.serve_workers, log)
         try:
             return _rounds(dsn, server, args, spans, bodies, port, proc)
         except Exception:
@@ -315,9 +326,9 @@ def _rounds(
         for path in order[round_ % 3 :] + order[: round_ % 3]:  # rotate who goes first
             reset(dsn)
             gc.collect()
-            pg0, here0, serve0 = postgres_cpu(server), time.process_time(), process_cpu(proc.pid)
+            pg0, here0, serve0 = postgres_cpu(server), time.process_time(), tree_cpu(proc.pid)
             seconds = measure[path]()
-            pg1, here1, serve1 = postgres_cpu(server), time.process_time(), process_cpu(proc.pid)
+            pg1, here1, serve1 = postgres_cpu(server), time.process_time(), tree_cpu(proc.pid)
             got = count(dsn)
             if got != n:
                 raise RuntimeError(f"round {round_ + 1}, {path}: {got} rows in tool_invocation_traces, expected {n}")
@@ -388,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gzip", action="store_true", help="gzip the request bodies (Content-Encoding: gzip)")
     parser.add_argument("--senders", type=int, default=2, help="sender threads, one keep-alive connection each")
     parser.add_argument("--otlp-connections", type=int, default=2, help="roma-otel serve --otlp-connections")
+    parser.add_argument("--serve-workers", type=int, default=1, help="roma-otel serve --workers")
     parser.add_argument("--batch-size", type=int, default=500, help="the in-process writer's batch size")
     parser.add_argument("--breakdown-repeats", type=int, default=1, help="passes per phase and round, breakdown")
     parser.add_argument("--dsn", help="an empty database (default: a throwaway local cluster)")

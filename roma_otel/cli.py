@@ -88,6 +88,7 @@ def _serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         from roma_otel.api import TOKEN_ENV, OtlpSettings, create_app
+        from roma_otel.api.app import SERVE_SETTINGS_ENV, serve_settings
         from roma_otel.storage.migrate import resolve_database_url
     except ImportError as exc:
         print(f"roma-otel: error: {exc}; install roma-otel[api]", file=sys.stderr)
@@ -118,11 +119,32 @@ def _serve(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"roma-otel: error: {exc}", file=sys.stderr)
             return 2
-    app = create_app(url, token=token, otlp=otlp)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    try:
+        workers = _flag_or_env(args.workers, WORKERS_ENV, 1)
+        if workers < 1:
+            raise ValueError(f"--workers must be at least 1, got {workers}")
+    except ValueError as exc:
+        print(f"roma-otel: error: {exc}", file=sys.stderr)
+        return 2
+    if workers == 1:
+        app = create_app(url, token=token, otlp=otlp)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        return 0
+    # Several processes, each with its own GIL, database pool and OTLP writer: uvicorn starts them from an
+    # import string, so each rebuilds the app from the settings resolved here.
+    os.environ[SERVE_SETTINGS_ENV] = serve_settings(url, token, otlp)
+    uvicorn.run(
+        "roma_otel.api.app:app_from_environment",
+        factory=True,
+        workers=workers,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+    )
     return 0
 
 
+WORKERS_ENV = "ROMA_OTEL_SERVE_WORKERS"  # `serve --workers`
 # The receiver's settings: `serve --otlp-max-body-bytes` and so on, or these variables.
 OTLP_ENV = {
     "max_body_bytes": "ROMA_OTEL_OTLP_MAX_BODY_BYTES",
@@ -215,6 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="info",
         choices=["critical", "error", "warning", "info", "debug"],
         help="uvicorn log level (default info)",
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help=f"server processes (default 1; or ${WORKERS_ENV}): each has its own database connections and "
+        "OTLP writer, so N processes decode and translate OTLP spans on N cores",
     )
     serve.add_argument(
         "--no-otlp", action="store_true", help="do not accept OTLP/HTTP traces at POST /v1/traces (on by default)"

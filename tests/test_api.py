@@ -755,6 +755,23 @@ def test_serve_without_database_url_fails_cleanly(
     assert "no PostgreSQL database URL" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "env", "named"),
+    [
+        (["--workers", "0"], {}, "--workers must be at least 1, got 0"),
+        ([], {"ROMA_OTEL_SERVE_WORKERS": "two"}, "ROMA_OTEL_SERVE_WORKERS must be an integer, got 'two'"),
+        ([], {"ROMA_OTEL_SERVE_WORKERS": "-1"}, "--workers must be at least 1, got -1"),
+    ],
+)
+def test_serve_refuses_a_bad_worker_count_naming_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], argv: list[str], env: dict[str, str], named: str
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["serve", "--url", "postgresql://127.0.0.1:1/none", *argv]) == 2
+    assert named in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("token", [None, TOKEN])
 def test_serve_subprocess(seeded: Seeded, token: str | None) -> None:
     port = free_port()

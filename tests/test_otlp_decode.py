@@ -20,6 +20,7 @@ from typing import Any
 import dspy
 import pytest
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
@@ -29,6 +30,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import Status, StatusCode, set_span_in_context
 
 from roma_otel.exporters.postgres_process import SpanRecord, snapshot
+from roma_otel.storage import otlp as otlp_module
 from roma_otel.storage.otlp import (
     BodyTooLargeError,
     Decoded,
@@ -465,6 +467,77 @@ def test_invalid_json_spans_are_rejected_and_the_rest_kept(typed_spans: list[Rea
     assert decoded.rejected == len(breakages) + 1
     assert_same(decoded.records, typed_spans)
     assert 1 <= len(decoded.errors) <= 5 and len(set(decoded.errors)) == len(decoded.errors)
+
+
+# --- the lean reader and its attribute cache -----------------------------------------------------------
+def test_fields_the_rows_do_not_read_change_nothing(typed_spans: list[ReadableSpan]) -> None:
+    """Resources, kinds, flags, trace states, events, links and dropped counts are skipped by the lean
+    schema (``storage.otlp_lean``): filled in, they must neither change a record nor break the parse."""
+    request = encode_spans(typed_spans)
+    resource = request.resource_spans[0]
+    resource.resource.attributes.add(key="service.name", value={"string_value": "agents"})
+    resource.schema_url = "https://opentelemetry.io/schemas/1.21.0"
+    resource.scope_spans[0].scope.version = "9.9"
+    resource.scope_spans[0].scope.attributes.add(key="scope.attr", value={"int_value": 3})
+    for span in proto_spans(request):
+        span.kind = 3
+        span.flags = 0x301
+        span.trace_state = "vendor=value"
+        span.dropped_attributes_count = 4
+        event = span.events.add(name="exception", time_unix_nano=span.start_time_unix_nano)
+        event.attributes.add(key="exception.message", value={"string_value": "boom"})
+        span.links.add(trace_id=b"\x02" * 16, span_id=b"\x03" * 8).attributes.add(key="l", value={"bool_value": True})
+        span.dropped_events_count = 1
+        span.dropped_links_count = 2
+
+    decoded = decode(request.SerializeToString(), PROTOBUF)
+
+    assert (decoded.rejected, decoded.errors) == (0, [])
+    assert_same(decoded.records, typed_spans)
+
+
+def test_recurring_attributes_decode_alike_and_mutable_values_are_not_shared(typed_spans: list[ReadableSpan]) -> None:
+    request = encode_spans(typed_spans)
+    span = proto_spans(request)[0]
+    kvlist = span.attributes.add(key="kv")
+    kvlist.value.kvlist_value.values.add(key="inner", value={"string_value": "x"})
+    body = request.SerializeToString()
+
+    first, second = (decode(body, PROTOBUF).records for _ in range(2))  # the second mostly from the cache
+
+    assert [typed(row(r)) for r in first] == [typed(row(r)) for r in second]
+    assert_same([r for r in first if r.span_id != int.from_bytes(span.span_id, "big")],
+                [s for s in typed_spans if s.context.span_id != int.from_bytes(span.span_id, "big")])  # fmt: skip
+    one, other = (next(r for r in records if "kv" in r.attributes) for records in (first, second))
+    assert one.attributes["kv"] == {"inner": "x"} and one.attributes["kv"] is not other.attributes["kv"]
+    assert one.attributes is not other.attributes
+
+
+def test_the_attribute_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(otlp_module, "_KV_CACHE", {})
+    monkeypatch.setattr(otlp_module, "_KV_CACHE_ENTRIES", 8)
+    provider, exporter = plain_provider()
+    tracer = roma_tracer(provider)
+    long_value = "x" * otlp_module._KV_CACHE_BYTES
+    for i in range(50):
+        tracer.start_span("s", attributes={"n": i, "same": "v", "long": long_value}).end()
+    spans = list(exporter.get_finished_spans())
+
+    decoded = decode(encode_spans(spans).SerializeToString(), PROTOBUF)
+
+    assert_same(decoded.records, spans)
+    assert 0 < len(otlp_module._KV_CACHE) <= 8
+    assert all(len(raw) <= otlp_module._KV_CACHE_BYTES for raw in otlp_module._KV_CACHE)  # "long" never kept
+
+
+def test_a_corrupt_attribute_is_a_decode_error_as_with_the_full_schema(typed_spans: list[ReadableSpan]) -> None:
+    request = encode_spans(typed_spans)
+    proto_spans(request)[0].attributes.add(key="text", value={"string_value": "PLACEHOLDER"})
+    body = request.SerializeToString().replace(b"PLACEHOLDER", b"\xff" * len("PLACEHOLDER"))  # not UTF-8
+    with pytest.raises(DecodeError):  # the full schema refuses the whole body ...
+        ExportTraceServiceRequest.FromString(body)
+    with pytest.raises(OtlpDecodeError, match="protobuf"):  # ... and so does the lean one, when it reads it
+        decode(body, PROTOBUF)
 
 
 # --- malformed bodies and unsupported requests --------------------------------------------------------

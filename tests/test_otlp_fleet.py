@@ -34,7 +34,8 @@ def base_env(tmp_path: Path) -> dict[str, str]:
 
 @pytest.fixture
 def replicas(pg_dsn: str, tmp_path: Path) -> Iterator[list[str]]:
-    """Two ``roma-otel serve`` processes on the same database, with a token; their base URLs."""
+    """Two ``roma-otel serve`` replicas on the same database, with a token; their base URLs. The second
+    runs two worker processes (``--workers 2``), so requests to it land in either."""
     upgrade(pg_dsn)
     procs, urls = [], []
     env = base_env(tmp_path)
@@ -44,14 +45,14 @@ def replicas(pg_dsn: str, tmp_path: Path) -> Iterator[list[str]]:
             log = (tmp_path / f"serve-{i}.log").open("w")
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "roma_otel.cli", "serve", "--url", pg_dsn, "--port", str(port),
-                 "--token", TOKEN, "--log-level", "warning"],
+                 "--token", TOKEN, "--log-level", "warning", "--workers", str(i + 1)],
                 env=env, stdout=log, stderr=subprocess.STDOUT,
             ))  # fmt: skip
             urls.append(f"http://127.0.0.1:{port}")
         deadline = time.monotonic() + 60
         for proc, url in zip(procs, urls, strict=True):
             while True:
-                assert proc.poll() is None, (tmp_path / "serve-0.log").read_text()
+                assert proc.poll() is None, (tmp_path / f"serve-{procs.index(proc)}.log").read_text()
                 try:
                     if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                         break

@@ -8,9 +8,12 @@ it under uvicorn.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
+import json
 import logging
+import os
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
@@ -32,11 +35,14 @@ __all__ = [
     "EXECUTIONS_MAX_LIMIT",
     "OPEN_PATHS",
     "QUERY_TIMEOUT",
+    "SERVE_SETTINGS_ENV",
     "TOKEN_ENV",
     "BearerAuthMiddleware",
     "BlankQueryMiddleware",
     "DatabaseUnavailableError",
+    "app_from_environment",
     "create_app",
+    "serve_settings",
 ]
 
 logger = logging.getLogger(__name__)
@@ -366,3 +372,20 @@ def create_app(
         return _traces(execution_id, traces)
 
     return app
+
+
+# `roma-otel serve --workers N`: uvicorn starts N processes from an import string, so the settings the command
+# resolved (flags, variables, config file) reach them in this variable, as JSON.
+SERVE_SETTINGS_ENV = "_ROMA_OTEL_SERVE_SETTINGS"
+
+
+def serve_settings(url: str, token: str | None, otlp: OtlpSettings | None) -> str:
+    """The JSON ``app_from_environment`` rebuilds the app from."""
+    return json.dumps({"url": url, "token": token, "otlp": None if otlp is None else dataclasses.asdict(otlp)})
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one ``roma-otel serve --workers N`` process (a uvicorn factory), from ``SERVE_SETTINGS_ENV``."""
+    settings = json.loads(os.environ[SERVE_SETTINGS_ENV])
+    otlp = None if settings["otlp"] is None else OtlpSettings(**settings["otlp"])
+    return create_app(settings["url"], token=settings["token"], otlp=otlp)

@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf.message import DecodeError
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import KeyValue
 
 from roma_otel.exporters.postgres_process import SpanRecord
+from roma_otel.storage.otlp_lean import LeanRequest
 from roma_otel.telemetry import SCOPE
 
 try:
@@ -198,26 +199,36 @@ def _check_span(trace: int, trace_len: int, span: int, span_len: int, parent_len
 # --- protobuf -----------------------------------------------------------------------------------------
 # AnyValue oneof fields read as they are: the protobuf value already has the Python type the SDK keeps.
 _PB_SCALARS = frozenset(("string_value", "bool_value", "int_value", "double_value", "bytes_value"))
+# Decoded attributes by their serialized KeyValue: the same bytes always decode to the same (key, value), and
+# most of a span's attributes (execution id, module, model, tool, depth, success) recur in span after span.
+# Bounded by entries and by the size of what is cached; emptied when full (no bookkeeping per hit). Only
+# immutable values are kept, so the records built from it can share them. Shared by the receiver's threads:
+# each dict operation is atomic.
+_KV_CACHE: dict[bytes, tuple[str, Any]] = {}
+_KV_CACHE_ENTRIES = 32_768
+_KV_CACHE_BYTES = 160  # a KeyValue longer than this (a preview, a prompt) is likely unique: not kept
 
 
 def _decode_protobuf(body: bytes, scope: str) -> Decoded:
     try:
-        request = ExportTraceServiceRequest.FromString(body)
+        request = LeanRequest.FromString(body)
+        records: list[SpanRecord] = []
+        append = records.append
+        rejections = _Rejections()
+        span_record = _pb_span
+        for resource_spans in request.resource_spans:
+            for scope_spans in resource_spans.scope_spans:
+                if scope_spans.scope.name != scope:
+                    continue  # another library's or service's spans: not ours to store, and not an error
+                for span in scope_spans.spans:
+                    try:
+                        append(span_record(span))
+                    except _Rejected as reason:
+                        rejections.add(str(reason))
     except (DecodeError, RecursionError) as exc:
+        # The lean parse leaves attributes as bytes, so a corrupt attribute (bad UTF-8, a broken AnyValue)
+        # surfaces when it is first read: the body is as corrupt as if the whole parse had failed.
         raise OtlpDecodeError(f"corrupt protobuf body: {exc}") from None
-    records: list[SpanRecord] = []
-    append = records.append
-    rejections = _Rejections()
-    span_record = _pb_span
-    for resource_spans in request.resource_spans:
-        for scope_spans in resource_spans.scope_spans:
-            if scope_spans.scope.name != scope:
-                continue  # another library's or service's spans: not ours to store, and not an error
-            for span in scope_spans.spans:
-                try:
-                    append(span_record(span))
-                except _Rejected as reason:
-                    rejections.add(str(reason))
     return rejections.result(records)
 
 
@@ -234,13 +245,7 @@ def _pb_span(span: Any) -> SpanRecord:
     code = status.code
     if code not in _STATUS_CODES:  # proto3 enums are open: a future or bogus value arrives as a plain int
         raise _Rejected(f"invalid status code {code}")
-    attrs: dict[str, Any] = {}
-    scalars = _PB_SCALARS
-    for kv in span.attributes:
-        value = kv.value
-        which = value.WhichOneof("value")
-        # Inline for the common kinds: a function call per attribute would cost about as much as the read.
-        attrs[kv.key] = getattr(value, which) if which in scalars else _pb_value(value, which)
+    cached = _KV_CACHE.get
     return SpanRecord(
         span.name,
         trace_id,
@@ -250,8 +255,24 @@ def _pb_span(span: Any) -> SpanRecord:
         end,
         code,
         status.message or None,  # the SDK keeps no description as None; protobuf has no None, only ""
-        attrs,
+        # Repeated keys: the last wins, as when a KeyValue list is read into a dict one by one.
+        dict([cached(raw) or _pb_attribute(raw) for raw in span.attributes]),
     )
+
+
+def _pb_attribute(raw: bytes) -> tuple[str, Any]:
+    """A serialized KeyValue as (key, value), the value as the SDK stores it; cached when immutable."""
+    kv = KeyValue.FromString(raw)
+    value = kv.value
+    which = value.WhichOneof("value")
+    if which in _PB_SCALARS:
+        pair = (kv.key, getattr(value, which))
+        if len(raw) <= _KV_CACHE_BYTES:
+            if len(_KV_CACHE) >= _KV_CACHE_ENTRIES:
+                _KV_CACHE.clear()
+            _KV_CACHE[raw] = pair
+        return pair
+    return (kv.key, _pb_value(value, which))
 
 
 def _pb_value(value: Any, which: str | None) -> Any:
