@@ -764,7 +764,11 @@ def test_serve_without_database_url_fails_cleanly(
     ],
 )
 def test_serve_refuses_a_bad_worker_count_naming_it(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], argv: list[str], env: dict[str, str], named: str
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    env: dict[str, str],
+    named: str,
 ) -> None:
     for name, value in env.items():
         monkeypatch.setenv(name, value)
