@@ -42,14 +42,23 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 from google.protobuf.internal import api_implementation
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+import roma_otel
 from benchmarks.ingest import benchmark_database, count, ingest_writer, make_spans, raw_copy, reset
 from roma_otel.api.otlp import DEFAULT_MAX_BODY_BYTES
+from roma_otel.config import default_config
 from roma_otel.exporters.postgres import PostgresSpanProcessor, copy_payload
+from roma_otel.exporters.postgres_process import SpanRecord
 from roma_otel.storage import otlp
 from roma_otel.storage.localpg import PostgresServer
 from roma_otel.storage.otlp_lean import LeanRequest
 from roma_otel.storage.rows import standalone_batch
+from roma_otel.telemetry import SCOPE
 
 PATHS = ("raw COPY", "in-process writer", "OTLP ingest")
 DECODE = "decode (FromString + SpanRecords), first pass over the round's bodies"
@@ -240,6 +249,90 @@ def breakdown(bodies: list[bytes], compress: bool, spans: int, repeats: int) -> 
     return result
 
 
+def _full_schema_decode(body: bytes) -> list[SpanRecord]:
+    """The receiver's decoder before the lean schema, kept here as the comparison: the whole request parsed
+    with the real messages, every attribute read through the KeyValue/AnyValue wrappers."""
+    records = []
+    for resource_spans in ExportTraceServiceRequest.FromString(body).resource_spans:
+        for scope_spans in resource_spans.scope_spans:
+            if scope_spans.scope.name != SCOPE:
+                continue
+            for span in scope_spans.spans:
+                attrs = {}
+                for kv in span.attributes:
+                    value = kv.value
+                    which = value.WhichOneof("value")
+                    attrs[kv.key] = getattr(value, which) if which in otlp._PB_SCALARS else otlp._pb_value(value, which)
+                parent = span.parent_span_id
+                records.append(SpanRecord(
+                    span.name, int.from_bytes(span.trace_id, "big"), int.from_bytes(span.span_id, "big"),
+                    int.from_bytes(parent, "big") if parent else None, span.start_time_unix_nano,
+                    span.end_time_unix_nano, span.status.code, span.status.message or None, attrs,
+                ))  # fmt: skip
+    return records
+
+
+def demo_decode(executions: int, repeats: int) -> dict[str, float]:
+    """µs per span decoding the spans of real ``roma-otel demo`` executions (LM, module, task, tool and
+    toolkit spans, with their previews, token counts and costs), one request per execution. The lean
+    decoder meets each request with a cache warm from the *other* executions only, as a receiver would."""
+    from roma_otel.demo.agent import run_demo_agent
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    inst = roma_otel.RomaInstrumentor()
+    inst.instrument(tracer_provider=provider, meter_provider=MeterProvider(), config=default_config())
+    bodies = []
+    try:
+        for i in range(executions):
+            exporter.clear()
+            run_demo_agent(f"a weekend in city number {i}")
+            bodies.append(encode_spans(exporter.get_finished_spans()).SerializeToString())
+    finally:
+        inst.uninstrument()
+    warm, measured = bodies[: executions // 2], bodies[executions // 2 :]
+    spans = sum(len(otlp.decode(b, otlp.PROTOBUF).records) for b in measured)
+    def fields(records: list[SpanRecord]) -> list[tuple[Any, ...]]:
+        return [tuple(getattr(r, a) for a in SpanRecord.__slots__) for r in records]
+
+    rows = [row for b in measured for row in fields(_full_schema_decode(b))]
+    lean = [row for b in measured for row in fields(otlp.decode(b, otlp.PROTOBUF).records)]
+    assert rows == lean, "the lean decoder and the full-schema walk disagree"
+
+    def lean_pass(cache: bool) -> float:
+        otlp._KV_CACHE.clear()
+        saved = otlp._KV_CACHE_BYTES
+        otlp._KV_CACHE_BYTES = saved if cache else -1  # -1: nothing is ever cached
+        try:
+            for b in warm:
+                otlp.decode(b, otlp.PROTOBUF)
+            gc.collect()
+            start = time.perf_counter()
+            for b in measured:
+                otlp.decode(b, otlp.PROTOBUF)
+            return time.perf_counter() - start
+        finally:
+            otlp._KV_CACHE_BYTES = saved
+
+    def median_of(fn: Callable[[], float]) -> float:
+        return statistics.median(fn() for _ in range(repeats)) / spans * 1e6
+
+    def full_pass() -> float:
+        gc.collect()
+        start = time.perf_counter()
+        for b in measured:
+            _full_schema_decode(b)
+        return time.perf_counter() - start
+
+    return {
+        "full schema, every attribute through the wrappers (before)": median_of(full_pass),
+        "lean schema + attribute cache warm from other executions (now)": median_of(lambda: lean_pass(True)),
+        "lean schema, cache off: every attribute new (worst case)": median_of(lambda: lean_pass(False)),
+        "spans measured": float(spans),
+    }
+
+
 def direct_write(
     dsn: str, server: PostgresServer | None, bodies: list[bytes], compress: bool, rows: int, repeats: int
 ) -> tuple[float, float]:
@@ -289,7 +382,7 @@ def run(dsn: str, server: PostgresServer | None, args: argparse.Namespace) -> in
         port = free_port()
         proc = start_serve(dsn, port, args.otlp_connections, args.serve_workers, log)
         try:
-            return _rounds(dsn, server, args, spans, bodies, port, proc)
+            _rounds(dsn, server, args, spans, bodies, port, proc)
         except Exception:
             log.flush()
             log.seek(0)
@@ -303,6 +396,17 @@ def run(dsn: str, server: PostgresServer | None, args: argparse.Namespace) -> in
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+    if args.demo_executions >= 2:
+        # The benchmark's tool spans repeat 9 of their 10 attributes; real agents' spans repeat fewer.
+        table = demo_decode(args.demo_executions, args.breakdown_repeats * 7)
+        print(f"\ndecoding the spans of real `roma-otel demo` executions, µs per span "
+              f"({table.pop('spans measured'):.0f} spans of {args.demo_executions - args.demo_executions // 2} "
+              f"executions; median of {args.breakdown_repeats * 7} passes):")  # fmt: skip
+        print("| decoder | µs/span |")
+        print("|---|---:|")
+        for name, value in table.items():
+            print(f"| {name} | {value:.2f} |")
+    return 0
 
 
 def _rounds(
@@ -422,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve-workers", type=int, default=1, help="roma-otel serve --workers")
     parser.add_argument("--batch-size", type=int, default=500, help="the in-process writer's batch size")
     parser.add_argument("--breakdown-repeats", type=int, default=1, help="passes per phase and round, breakdown")
+    parser.add_argument("--demo-executions", type=int, default=8, help="demo runs for the decoder comparison (0: none)")
     parser.add_argument("--dsn", help="an empty database (default: a throwaway local cluster)")
     args = parser.parse_args(argv)
 
