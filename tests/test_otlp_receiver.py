@@ -187,6 +187,10 @@ def test_invalid_spans_are_rejected_as_partial_success_and_the_rest_is_written(
     partial = ExportTraceServiceResponse.FromString(response.content).partial_success
     assert partial.rejected_spans == 2 and "span" in partial.error_message.lower(), partial
     assert table_rows(pg_dsn) == reference
+    ours = sum(1 for s in spans if s.instrumentation_scope.name == "roma_otel")
+    assert httpx.get(f"{receiver}/health").json()["otlp"] == {
+        "accepted_spans": ours, "rejected_spans": 2, "in_flight_spans": 0
+    }
 
 
 # --- bad requests -----------------------------------------------------------------------------------
@@ -247,6 +251,7 @@ def test_no_receiver_when_turned_off(spans: list[Any], pg_dsn: str) -> None:
     upgrade(pg_dsn)
     with serve(create_app(pg_dsn, otlp=None)) as base:
         assert post(base, encode_spans(spans).SerializeToString(), PROTOBUF).status_code in (404, 405)
+        assert httpx.get(f"{base}/health").json() == {"status": "ok", "database": "ok"}
 
 
 def test_bad_settings_are_refused_naming_the_flag() -> None:

@@ -283,13 +283,15 @@ def create_app(
 
     @app.get("/health", tags=["health"])
     async def health(request: Request) -> JSONResponse:
-        """``{"status": "ok", "database": "ok"}``, or 503 with the database's error."""
-
+        """``{"status": "ok", "database": "ok"}``, or 503 with the database's error; with the OTLP receiver
+        on, also its counts since start (``"otlp": {"accepted_spans", "rejected_spans", "in_flight_spans"}``)."""
+        extra = {"otlp": writer.stats()} if writer is not None else {}
         try:
             await storage.ping(DB_TIMEOUT)
         except Exception as exc:  # any failure to answer is "not healthy", never a 500
-            return JSONResponse(status_code=503, content={"status": "error", "database": _error_text(exc)})
-        return JSONResponse(content={"status": "ok", "database": "ok"})
+            content = {"status": "error", "database": _error_text(exc), **extra}
+            return JSONResponse(status_code=503, content=content)
+        return JSONResponse(content={"status": "ok", "database": "ok", **extra})
 
     @app.get("/executions", tags=["executions"])
     async def list_executions(

@@ -88,6 +88,8 @@ def otlp_router(writer: IngestWriter, settings: OtlpSettings) -> APIRouter:
         except Unavailable as exc:
             code = _RESOURCE_EXHAUSTED if isinstance(exc, Full) else _UNAVAILABLE
             return _error(media, 503, code, str(exc), retry_after=exc.retry_after)
+        if decoded.rejected:
+            writer.count_rejected(decoded.rejected)
         rejected = decoded.rejected + result.rejected
         messages = [*decoded.errors, *result.messages]
         if rejected:

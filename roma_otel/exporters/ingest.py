@@ -122,6 +122,21 @@ class IngestWriter:
         """Spans accepted and not yet answered."""
         return self._in_flight
 
+    def count_rejected(self, n: int) -> None:
+        """Counts ``n`` spans the receiver rejected before they reached the writer (they did not decode)."""
+        with self._lock:
+            self.rejected_spans += n
+
+    def stats(self) -> dict[str, int]:
+        """What ``/health`` shows: spans committed (or skipped as outside any execution), spans rejected
+        (answered as partial success: invalid, or refused by Postgres), and spans being written."""
+        with self._lock:
+            return {
+                "accepted_spans": self.written_spans,
+                "rejected_spans": self.rejected_spans,
+                "in_flight_spans": self._in_flight,
+            }
+
     # --- the request path -----------------------------------------------------------------------------
     async def submit(self, records: Sequence[SpanRecord]) -> Ingested:
         """Write ``records``; returns once they are committed (or rejected). Raises ``Unavailable``."""
