@@ -15,7 +15,7 @@ show where a span's time goes; the serve process's and Postgres' CPU seconds dur
 (``/proc/PID/stat``) show which of the two is the bottleneck. Usage:
 
     python benchmarks/otlp_ingest.py [--rows 20000] [--rounds 10] [--spans-per-request 512] [--gzip]
-        [--senders 2] [--otlp-connections 2] [--serve-workers 1] [--batch-size 500] [--dsn postgresql://...]
+        [--senders 2] [--otlp-connections 2] [--serve-workers 1] [--batch-size 500] [--pin] [--dsn postgresql://...]
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ from roma_otel.telemetry import SCOPE
 PATHS = ("raw COPY", "in-process writer", "OTLP ingest")
 DECODE = "decode (FromString + SpanRecords), first pass over the round's bodies"
 _TICK = os.sysconf("SC_CLK_TCK")
+_CPUS = sorted(os.sched_getaffinity(0))  # before any pinning
 _LIMIT = DEFAULT_MAX_BODY_BYTES  # the receiver's default bound, as it decompresses
 
 
@@ -109,6 +110,22 @@ def postgres_cpu(server: PostgresServer | None) -> float:
         except (OSError, ValueError, IndexError):  # gone meanwhile: already in the postmaster's cutime
             pass
     return total
+
+
+def pin(serve_pid: int, server: PostgresServer | None) -> None:
+    """This process and the serve process tree on the first CPU, Postgres on the last: each path's Python
+    (raw COPY's client, the in-process writer, the receiver and its senders) gets one core, the database
+    the other. Postgres backends started later inherit the postmaster's CPU."""
+    first, last = {_CPUS[0]}, {_CPUS[-1]}
+    serve = [serve_pid, *map(int, Path(f"/proc/{serve_pid}/task/{serve_pid}/children").read_text().split())]
+    targets = [(pid, first) for pid in serve] + [(pid, last) for pid in (server.processes() if server else [])]
+    for pid, cpus in targets:
+        for task in Path(f"/proc/{pid}/task").iterdir():  # every thread: affinity is per thread
+            try:
+                os.sched_setaffinity(int(task.name), cpus)
+            except OSError:
+                pass
+    os.sched_setaffinity(0, first)  # new threads of this process (the senders) inherit it
 
 
 # --- the serve subprocess -------------------------------------------------------------------------
@@ -376,7 +393,7 @@ def run(dsn: str, server: PostgresServer | None, args: argparse.Namespace) -> in
     print(f"rows={args.rows} rounds={args.rounds} spans/request={args.spans_per_request} requests={len(bodies)} "
           f"({size / len(bodies) / 1024:.0f} KiB each{', gzip' if args.gzip else ''}) senders={args.senders} "
           f"otlp-connections={args.otlp_connections} serve-workers={args.serve_workers} writer batch={args.batch_size} "
-          f"protobuf={api_implementation.Type()} cpus={os.cpu_count()}")  # fmt: skip
+          f"protobuf={api_implementation.Type()} cpus={os.cpu_count()}{' pinned' if args.pin else ''}")  # fmt: skip
 
     with tempfile.NamedTemporaryFile("w+b", prefix="roma-otel-serve-", suffix=".log") as log:
         port = free_port()
@@ -422,6 +439,8 @@ def _rounds(
     # Warm-up, not counted: the receiver's first requests import and connect.
     reset(dsn)
     post_all(port, bodies, args.senders, args.gzip)
+    if args.pin:
+        pin(proc.pid, server)
     assert count(dsn) == n, count(dsn)
 
     # Fresh spans every round (a new execution id, new durations): the receiver caches decoded attributes,
@@ -528,7 +547,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--breakdown-repeats", type=int, default=1, help="passes per phase and round, breakdown")
     parser.add_argument("--demo-executions", type=int, default=16, help="demo runs, decoder comparison (0: none)")
     parser.add_argument("--dsn", help="an empty database (default: a throwaway local cluster)")
+    parser.add_argument(
+        "--pin", action="store_true", help="this process and serve on the first CPU, Postgres on the last"
+    )
     args = parser.parse_args(argv)
+    if args.pin and (args.dsn is not None or len(_CPUS) < 2):
+        parser.error("--pin needs two CPUs and the benchmark's own cluster (no --dsn)")
 
     with benchmark_database(args.dsn) as (dsn, server):
         return run(dsn, server, args)
