@@ -14,7 +14,10 @@ answer, while the request's other spans are kept. A body that cannot be read at 
 ``OtlpDecodeError``; a media type or encoding this receiver does not take raises ``UnsupportedMediaError``;
 a body over the size limit once decompressed raises ``BodyTooLargeError``.
 
-Pure: no I/O and no web framework, so the HTTP layer can run it in a worker thread.
+Protobuf bodies are read through the lean schema of ``storage.otlp_lean`` (attributes as serialized
+``KeyValue`` bytes), with a bounded, thread-safe cache of attributes already decoded.
+
+No I/O and no web framework, so the HTTP layer can run it in a worker thread; its only state is that cache.
 """
 
 from __future__ import annotations
