@@ -284,7 +284,8 @@ def create_app(
     @app.get("/health", tags=["health"])
     async def health(request: Request) -> JSONResponse:
         """``{"status": "ok", "database": "ok"}``, or 503 with the database's error; with the OTLP receiver
-        on, also its counts since start (``"otlp": {"accepted_spans", "rejected_spans", "in_flight_spans"}``)."""
+        on, also its counts since start (``"otlp": {"accepted_spans", "rejected_spans", "in_flight_spans"}``),
+        of the answering process only under ``serve --workers N``."""
         extra = {"otlp": writer.stats()} if writer is not None else {}
         try:
             await storage.ping(DB_TIMEOUT)
@@ -388,6 +389,7 @@ def serve_settings(url: str, token: str | None, otlp: OtlpSettings | None) -> st
 
 def app_from_environment() -> FastAPI:
     """The app of one ``roma-otel serve --workers N`` process (a uvicorn factory), from ``SERVE_SETTINGS_ENV``."""
-    settings = json.loads(os.environ[SERVE_SETTINGS_ENV])
+    # Taken out of this worker's environment: the token and URL need not reach what the app may start.
+    settings = json.loads(os.environ.pop(SERVE_SETTINGS_ENV))
     otlp = None if settings["otlp"] is None else OtlpSettings(**settings["otlp"])
     return create_app(settings["url"], token=settings["token"], otlp=otlp)

@@ -230,7 +230,10 @@ def _decode_protobuf(body: bytes, scope: str) -> Decoded:
                         rejections.add(str(reason))
     except (DecodeError, RecursionError) as exc:
         # The lean parse leaves attributes as bytes, so a corrupt attribute (bad UTF-8, a broken AnyValue)
-        # surfaces when it is first read: the body is as corrupt as if the whole parse had failed.
+        # of a span we read surfaces here, and the body is refused as the full schema would refuse it.
+        # What is never read (other scopes' spans, resources, events, links, the attributes of a span
+        # already rejected) is not checked: such a body is taken where the full schema would refuse it,
+        # with nothing of the unread parts stored.
         raise OtlpDecodeError(f"corrupt protobuf body: {exc}") from None
     return rejections.result(records)
 
