@@ -163,7 +163,7 @@ def ended_attributes(span: Any) -> dict[str, Any]:
     if paths().attributes:
         # getattr with a default, not try/except: a SpanRecord (writer process, OTLP receiver) has no
         # _attributes, and a raised AttributeError per span cost the receiver a microsecond each.
-        inner = getattr(getattr(span, "_attributes", None), "_dict", None)
+        inner = bounded_dict(getattr(span, "_attributes", None))
         if type(inner) is dict:
             return inner
     attrs = span.attributes
